@@ -1,0 +1,1 @@
+"""Package format, keys, signing, encryption and MNN model inspection."""
