@@ -1,0 +1,56 @@
+"""Data on stdout, progress and logs on stderr; ``--json`` everywhere; NO_COLOR honoured."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["emit", "emit_ndjson", "err", "out", "table", "to_jsonable"]
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if hasattr(value, "model_dump"):
+        return to_jsonable(value.model_dump())
+    return value
+
+
+def emit(data: Any, *, as_json: bool, render: Callable[[Console], None] | None = None) -> None:
+    """Print ``data`` as one JSON document, or let ``render`` draw it for people."""
+    if as_json or render is None:
+        sys.stdout.write(json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    else:
+        render(out)
+
+
+def emit_ndjson(rows: Iterable[Any]) -> None:
+    for row in rows:
+        sys.stdout.write(json.dumps(to_jsonable(row), sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
