@@ -1,14 +1,12 @@
-"""Per-invocation state shared by every command: the home and the registry."""
+"""Per-invocation state shared by every command: the controller home."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import click
-
 from fleet.home import FleetHome
 
-__all__ = ["CliState", "state"]
+__all__ = ["CliState", "set_state", "state"]
 
 
 @dataclass
@@ -16,9 +14,16 @@ class CliState:
     home: FleetHome
 
 
+_current: CliState | None = None
+
+
+def set_state(value: CliState) -> None:
+    global _current
+    _current = value
+
+
 def state() -> CliState:
-    ctx = click.get_current_context()
-    root = ctx.find_root()
-    if not isinstance(root.obj, CliState):
-        root.obj = CliState(home=FleetHome.from_env())
-    return root.obj
+    if _current is None:
+        set_state(CliState(home=FleetHome.from_env()))
+    assert _current is not None
+    return _current

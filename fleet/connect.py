@@ -1,0 +1,53 @@
+"""Open a registered device: its transport with the home's options, and its agent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from fleet import errors
+from fleet.agent_client import AgentClient
+from fleet.home import FleetHome
+from fleet.registry.models import Device
+from fleet.transports import Transport, TransportOptions, open_transport
+
+__all__ = ["controller_public_pem", "open_device", "transport_options"]
+
+
+def transport_options(home: FleetHome, *, accept_host_key: str | None = None
+                      ) -> TransportOptions:
+    import os
+    opts = TransportOptions(home=home.path, known_hosts=home.known_hosts, ssh_key=home.ssh_key,
+                            accept_host_key=accept_host_key)
+    lab_adb = home.lab_dir / "android" / "adb_port"
+    if os.environ.get("FLEET_ADB_PORT"):
+        opts.adb_port = int(os.environ["FLEET_ADB_PORT"])
+    elif lab_adb.exists():
+        opts.adb_port = int(lab_adb.read_text().strip())
+    lab_mux = home.lab_dir / "ios" / "usbmuxd.sock"
+    if os.environ.get("FLEET_USBMUX_SOCKET"):
+        opts.usbmux_socket = os.environ["FLEET_USBMUX_SOCKET"]
+    elif lab_mux.exists():
+        opts.usbmux_socket = str(lab_mux)
+    return opts
+
+
+def open_device(home: FleetHome, device: Device, *, accept_host_key: str | None = None
+                ) -> tuple[Transport, AgentClient]:
+    transport = open_transport(device.uri, transport_options(home,
+                                                             accept_host_key=accept_host_key))
+    return transport, AgentClient(transport, device)
+
+
+def controller_public_pem(home: FleetHome) -> str | None:
+    """The controller's Ed25519 public key (PEM), or None before `fleet keys init`."""
+    path: Path = home.signing_key
+    if not path.exists():
+        return None
+    if path.stat().st_mode & 0o077:
+        raise errors.KeyMaterialError(
+            f"signing key {path} is readable by others; chmod 600 it", path=str(path))
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
