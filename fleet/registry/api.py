@@ -132,6 +132,7 @@ class Registry:
             dev = self._device(s, name)
             for m in s.exec(select(Membership).where(Membership.device_id == dev.id)).all():
                 s.delete(m)
+            s.flush()
             s.delete(dev)
 
     def groups_of(self, name: str) -> list[str]:
@@ -198,6 +199,7 @@ class Registry:
             g = self._group(s, name)
             for m in s.exec(select(Membership).where(Membership.group_id == g.id)).all():
                 s.delete(m)
+            s.flush()
             s.delete(g)
 
     def resolve_targets(self, groups: Iterable[str] = (), devices: Iterable[str] = ()
