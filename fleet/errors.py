@@ -55,7 +55,8 @@ class with :func:`error_from_code`). Context lives in attributes, not in the mes
     │   ├── HealthCheckError        no candidate produced correct outputs
     │   └── ReferenceMismatchError  LoRA / model outputs differ from references
     ├── AgentError                  the agent answered with an error code we do not know
-    └── RolloutError
+    ├── RolloutError
+    └── LabError                    the virtual lab could not be built or changed
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ __all__ = [
     "HostKeyError",
     "InvalidModelError",
     "KeyMaterialError",
+    "LabError",
     "MailboxPendingError",
     "MalformedUriError",
     "ModelError",
@@ -346,6 +348,12 @@ class AgentError(FleetError):
 
 class RolloutError(FleetError):
     code = "rollout"
+
+
+class LabError(FleetError):
+    """A lab command (ip netns, tc, nft, sshd) failed; ``details`` has the command."""
+
+    code = "lab"
 
 
 def _all_subclasses(cls: type[FleetError]) -> list[type[FleetError]]:
