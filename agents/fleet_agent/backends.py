@@ -1,0 +1,120 @@
+"""Which MNN backends this MNN build really has: found by trying them, cached per version.
+
+Why try instead of reading a list: the PyPI wheel names every backend in its Python enums
+(``MNN.expr.Backend.OPENCL`` exists on a CPU-only build), and a build that has a backend
+still falls back when the driver is missing. The only honest answer is to create a session
+on each backend and look at what MNN used (the fallback log line and the session's backend
+type). A backend that "exists" but always falls back is not usable here, so it is False.
+
+The trial runs in a child process: a broken GPU driver may crash the process that
+initialises it, and the agent must survive that. The answer is cached in the device
+root under the MNN version, so the trial runs once per MNN upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fleet_agent.engine import GPU_BACKENDS, LoadedModel, RuntimeConfig, mnn, mnn_version
+from fleet_agent.fdcapture import capture_fds
+
+__all__ = ["TRIED_BACKENDS", "build_backend_details", "detect_build_backends"]
+
+#: Backends worth a trial besides the CPU (which every build has).
+TRIED_BACKENDS: tuple[str, ...] = (*GPU_BACKENDS, "nn")
+_TRIAL_TIMEOUT_S = 120.0
+
+
+def _cache_file(cache_dir: Path, version: str) -> Path:
+    return Path(cache_dir) / f"mnn-build-backends-{version}.json"
+
+
+def _write_probe_model(path: Path) -> None:
+    """A 1x4 ReLU graph: enough for MNN to create a session on any backend."""
+    import numpy as np
+
+    mod = mnn()
+    F = mod.expr
+    with capture_fds():
+        x = F.placeholder([1, 4], F.NCHW, F.float)
+        x.name = "x"
+        y = F.relu(x * F.const(np.array([1, -2, 3, -4], np.float32), [4]))
+        y.name = "y"
+        F.save([y], str(path))
+
+
+def _trial(model: Path) -> dict[str, Any]:
+    """Create a session on every backend; return what MNN really used for each."""
+    detail: dict[str, Any] = {"cpu": {"present": True, "effective": "cpu", "log": []}}
+    for name in TRIED_BACKENDS:
+        try:
+            loaded = LoadedModel.open(str(model), RuntimeConfig(backend=name, threads=4))
+        except Exception as exc:  # a backend that cannot even start is absent
+            detail[name] = {"present": False, "effective": None, "error": str(exc),
+                            "log": []}
+            continue
+        detail[name] = {"present": not loaded.fell_back,
+                        "effective": loaded.effective_backend,
+                        "fallbacks": [f.to_dict() for f in loaded.fallbacks],
+                        "log": loaded.log[:10]}
+        loaded.close()
+    return detail
+
+
+def build_backend_details(cache_dir: Path, *, refresh: bool = False,
+                          isolate: bool = True) -> dict[str, Any]:
+    """The cached trial document: ``{"mnn_version", "backends": {name: bool}, "detail"}``."""
+    version = mnn_version()
+    cache = _cache_file(cache_dir, version)
+    if not refresh and cache.is_file():
+        try:
+            doc: dict[str, Any] = json.loads(cache.read_text())
+            if doc.get("mnn_version") == version and isinstance(doc.get("backends"), dict):
+                return doc
+        except (OSError, ValueError):
+            pass  # a damaged cache is re-made below
+    with tempfile.TemporaryDirectory(prefix="fleet-backends-") as tmp:
+        model = Path(tmp) / "probe.mnn"
+        _write_probe_model(model)
+        detail = _trial_in_child(model) if isolate else _trial(model)
+    doc = {"mnn_version": version,
+           "backends": {name: bool(info.get("present")) for name, info in detail.items()},
+           "detail": detail}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    os.replace(tmp_path, cache)
+    return doc
+
+
+def _trial_in_child(model: Path) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "fleet_agent.backends", str(model)],
+                          capture_output=True, text=True, timeout=_TRIAL_TIMEOUT_S,
+                          check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+    # The child died (a driver crashed it): only the CPU is known to work.
+    detail: dict[str, Any] = {"cpu": {"present": True, "effective": "cpu", "log": []}}
+    for name in TRIED_BACKENDS:
+        detail[name] = {"present": False, "effective": None,
+                        "error": f"backend trial process failed (exit {proc.returncode})",
+                        "log": proc.stderr.splitlines()[-5:]}
+    return detail
+
+
+def detect_build_backends(cache_dir: Path, *, refresh: bool = False) -> dict[str, bool]:
+    """``{"cpu": True, "opencl": False, ...}``: backends that MNN really runs on here."""
+    backends: dict[str, bool] = build_backend_details(cache_dir, refresh=refresh)["backends"]
+    return backends
+
+
+if __name__ == "__main__":  # the child side of _trial_in_child
+    sys.stdout.write(json.dumps(_trial(Path(sys.argv[1]))) + "\n")
