@@ -7,6 +7,7 @@ device gets an :class:`Outcome`. Concurrency lives here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -54,10 +55,9 @@ class TaskContext:
     def cancel(self) -> None:
         self._cancelled.set()
         for fn in list(self._closers):
-            try:
+            # closing a broken connection may itself fail
+            with contextlib.suppress(Exception):
                 fn()
-            except Exception:  # closing a broken connection may itself fail
-                pass
 
     def check(self) -> None:
         if self._cancelled.is_set() or self.deadline.expired:

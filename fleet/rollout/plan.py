@@ -1,0 +1,35 @@
+"""Pure planning: which devices need the package, which already run it, which can't take it.
+
+No I/O here: the inputs are registry rows and what each device said it has installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Action", "decide"]
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "deploy" | "skip" | "refuse"
+    reason: str
+
+
+def decide(installed: dict[str, Any] | None, *, name: str, version: int, digest: str,
+           force: bool = False) -> Action:
+    """Decide for one device from its agent's ``status.installed[name]``."""
+    if not installed:
+        return Action("deploy", "not installed")
+    active_version = installed.get("version")
+    active_digest = installed.get("digest")
+    if active_version == version and active_digest == digest and not force:
+        return Action("skip", f"{name}@{version} already active")
+    if isinstance(active_version, int) and active_version > version:
+        return Action("refuse", f"device runs {name}@{active_version}, newer than {version}; "
+                                "use `fleet rollback` with a signed order")
+    if active_version == version and active_digest != digest:
+        return Action("refuse", f"device runs a different {name}@{version} (digest differs); "
+                                "bump the version")
+    return Action("deploy", f"{active_version} -> {version}")
