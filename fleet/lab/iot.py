@@ -1,0 +1,326 @@
+"""The IoT lab: Linux "boards" that are network namespaces running real OpenSSH ``sshd``.
+
+Layout (all names carry the home's tag, see :func:`fleet.lab.base.lab_tag`):
+
+- board ``iotN``: namespace ``fleetlab-<tag>-iotN``; veth ``fl<tag4>iN`` in the root
+  namespace, ``eth0`` inside; one private /30 per board out of ``10.213.0.0/16`` (used
+  only by the lab): ``.1`` is the controller side, ``.2`` the board, sshd on port 22 of
+  the board address only.
+- runtime files in ``/run/fleetlab/<tag>/iotN/`` (0700): the board's own ed25519 host key,
+  ``authorized_keys`` with the fleet's key, ``sshd_config``, pid file and log.
+- the agent's store: a size-limited tmpfs at ``/run/fleetlab/<tag>/iotN/agent`` (the
+  board's agent root), so a full disk happens for real.
+- the agent: boards share the controller's filesystem (only the network is namespaced),
+  so they run the controller's ``.venv/bin/fleet-agent`` instead of one install each.
+
+Everything made is recorded in ``home.lab_dir/iot.json``; :func:`down` removes it by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import ipaddress
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fleet import errors
+from fleet.home import FleetHome
+from fleet.lab import netns
+from fleet.lab.base import (
+    LabDevice,
+    lab_tag,
+    load_state,
+    register_devices,
+    save_state,
+    shared_agent_cmd,
+    unregister_devices,
+)
+from fleet.transports._known_hosts import KnownHosts, ensure_ssh_key, fingerprint
+
+__all__ = ["GROUP", "KIND", "SUBNET", "board", "down", "start_sshd", "status", "up", "update_board"]
+
+KIND = "iot"
+GROUP = "lab-iot"
+SUBNET = ipaddress.IPv4Network("10.213.0.0/16")
+RUN_ROOT = Path("/run/fleetlab")
+SSHD = "/usr/sbin/sshd"
+DEFAULT_STORE_MB = 192
+_MAX_SLOTS = 1024  # bounded allocation search: 1024 boards is far beyond any lab here
+
+
+def _rundir(home: FleetHome) -> Path:
+    return RUN_ROOT / lab_tag(home)
+
+
+@contextlib.contextmanager
+def _global_lock() -> Iterator[None]:
+    """Address and name allocation is machine-wide: serialise it across processes."""
+    RUN_ROOT.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd = os.open(RUN_ROOT / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _free_slot(taken: set[int]) -> int:
+    used = netns.used_ipv4()
+    for iface in used:
+        if iface.network.overlaps(SUBNET) and iface.network.prefixlen < 30:
+            raise errors.LabError(f"{iface} overlaps the lab range {SUBNET}; refusing to "
+                                  "add lab addresses next to a real network")
+    busy = {int(i.ip) for i in used if i.ip in SUBNET}
+    for slot in range(_MAX_SLOTS):
+        if slot in taken:
+            continue
+        base = int(SUBNET.network_address) + 4 * slot
+        if not busy.intersection(range(base, base + 4)):
+            return slot
+    raise errors.LabError(f"no free /30 left in the first {_MAX_SLOTS} of {SUBNET}")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _make_host_key(path: Path) -> paramiko.PKey:
+    key = ed25519.Ed25519PrivateKey.generate()
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+    return paramiko.Ed25519Key.from_private_key_file(str(path))
+
+
+def _sshd_config(rt: Path, board_addr: str) -> str:
+    return "\n".join([
+        f"ListenAddress {board_addr}:22",
+        f"HostKey {rt / 'ssh_host_ed25519_key'}",
+        f"PidFile {rt / 'sshd.pid'}",
+        f"AuthorizedKeysFile {rt / 'authorized_keys'}",
+        "AllowUsers root",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        "StrictModes yes",
+        "UseDNS no",
+        "PrintMotd no",
+        "X11Forwarding no",
+        "AllowTcpForwarding no",
+        "AllowAgentForwarding no",
+        "PermitTunnel no",
+        "MaxStartups 64:30:128",
+        "MaxSessions 64",
+        "Subsystem sftp internal-sftp",
+        "",
+    ])
+
+
+def start_sshd(b: dict[str, Any]) -> None:
+    """Start (or restart) the board's sshd in its namespace and wait until it listens."""
+    rt = Path(b["runtime_dir"])
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # OpenSSH's privilege separation dir
+    netns.sh([*netns.nsenter_argv(b["netns"]), SSHD, "-f", str(rt / "sshd_config"),
+              "-E", str(rt / "sshd.log")])
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((b["board_addr"], 22), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise errors.LabError(f"sshd of {b['name']} does not listen on {b['board_addr']}:22; "
+                          f"see {rt / 'sshd.log'}", device=b["name"])
+
+
+def _make_board(home: FleetHome, name: str, slot: int, store_mb: int,
+                fleet_pub: str) -> dict[str, Any]:
+    tag = lab_tag(home)
+    index = name.removeprefix("iot")
+    base = SUBNET.network_address + 4 * slot
+    rt = _rundir(home) / name
+    b: dict[str, Any] = {
+        "name": name, "slot": slot, "netns": f"fleetlab-{tag}-{name}",
+        "host_if": f"fl{tag[:4]}i{index}", "host_addr": str(base + 1),
+        "board_addr": str(base + 2), "prefix": 30, "runtime_dir": str(rt),
+        "agent_root": str(rt / "agent"), "store_mb": store_mb, "faults": {},
+    }
+    netns.netns_add(b["netns"])
+    netns.add_veth_pair(b["host_if"], b["netns"], host_addr=b["host_addr"],
+                        board_addr=b["board_addr"], prefix=30)
+    rt.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(rt, 0o700)
+    key = _make_host_key(rt / "ssh_host_ed25519_key")
+    b["host_key"] = f"{key.get_name()} {key.get_base64()}"
+    b["host_key_fingerprint"] = fingerprint(key)
+    _write_private(rt / "authorized_keys", fleet_pub.encode())
+    (rt / "sshd_config").write_text(_sshd_config(rt, b["board_addr"]))
+    Path(b["agent_root"]).mkdir(mode=0o700, exist_ok=True)
+    netns.sh(["mount", "-t", "tmpfs", "-o", f"size={store_mb}m,mode=0700",
+              f"fleetlab-{name}", b["agent_root"]])
+    b["mounted"] = True
+    start_sshd(b)
+    return b
+
+
+def _device(b: dict[str, Any]) -> LabDevice:
+    agent = shared_agent_cmd()
+    uri = (f"ssh://root@{b['board_addr']}:22?root={quote(b['agent_root'], safe='/')}"
+           f"&agent={quote(' '.join(agent), safe='/')}")
+    extra = {k: b[k] for k in ("netns", "host_if", "host_addr", "board_addr",
+                               "host_key_fingerprint", "store_mb", "runtime_dir")}
+    return LabDevice(name=b["name"], uri=uri, platform="linux", group=GROUP,
+                     agent_root=b["agent_root"], agent_cmd=agent, extra=extra)
+
+
+def _alive(b: dict[str, Any]) -> bool:
+    return netns.netns_exists(b["netns"]) and bool(netns.netns_pids(b["netns"]))
+
+
+def _teardown(b: dict[str, Any]) -> None:
+    netns.kill_netns_processes(b["netns"])
+    mount = b.get("agent_root")
+    if mount and os.path.ismount(mount):
+        res = netns.sh(["umount", mount], check=False)
+        if res.returncode != 0:
+            netns.sh(["umount", "-l", mount], check=False)
+    netns.delete_link(b["host_if"])
+    netns.netns_delete(b["netns"])
+    rt = Path(b["runtime_dir"])
+    if rt.is_dir() and rt.parent.parent == RUN_ROOT:  # only ever our own directory
+        shutil.rmtree(rt, ignore_errors=True)
+
+
+def up(home: FleetHome, count: int, *, start_index: int = 0,
+       store_mb: int = DEFAULT_STORE_MB) -> list[LabDevice]:
+    """Make boards ``iot<start_index>`` .. (already running ones are kept as they are),
+    pin their host keys, register them in group ``lab-iot``."""
+    if count < 0 or count > 256:
+        raise errors.UsageError(f"--iot takes 0..256 boards, not {count}")
+    netns.require_root_and_tools("ip", "tc", "nft", "nsenter", SSHD)
+    home.ensure()
+    fleet_pub = ensure_ssh_key(home.ssh_key).with_name(home.ssh_key.name + ".pub").read_text()
+    known = KnownHosts(home.known_hosts)
+    boards: list[dict[str, Any]] = []
+    with _global_lock():
+        state = load_state(home, KIND)
+        taken = {int(b["slot"]) for b in state.values()}
+        for i in range(start_index, start_index + count):
+            name = f"iot{i}"
+            old = state.get(name)
+            if old is not None and _alive(old):
+                boards.append(old)
+                continue
+            if old is not None:
+                _teardown(old)
+                taken.discard(int(old["slot"]))
+                del state[name]
+            slot = _free_slot(taken)
+            taken.add(slot)
+            try:
+                b = _make_board(home, name, slot, store_mb, fleet_pub)
+            except BaseException:
+                _teardown({"netns": f"fleetlab-{lab_tag(home)}-{name}",
+                           "host_if": f"fl{lab_tag(home)[:4]}i{i}",
+                           "runtime_dir": str(_rundir(home) / name),
+                           "agent_root": str(_rundir(home) / name / "agent")})
+                save_state(home, KIND, state)
+                raise
+            state[name] = b
+            save_state(home, KIND, state)  # after each board: a crash leaves a record
+            boards.append(b)
+    for b in boards:
+        known.pin(b["board_addr"], 22, _pkey(b["host_key"]), replace=True)
+    devices = [_device(b) for b in boards]
+    register_devices(home, devices)
+    return devices
+
+
+def _pkey(line: str) -> paramiko.PKey:
+    key_type, b64 = line.split()[:2]
+    return paramiko.PKey.from_type_string(key_type, base64.b64decode(b64))
+
+
+def board(home: FleetHome, name: str) -> dict[str, Any]:
+    """The lab's record of one board (NotFoundError if the lab did not make it)."""
+    state = load_state(home, KIND)
+    if name not in state:
+        raise errors.NotFoundError(f"{name!r} is not an IoT lab board of this home "
+                                   f"(boards: {', '.join(sorted(state)) or 'none'})",
+                                   kind="lab board", name=name)
+    b: dict[str, Any] = state[name]
+    return b
+
+
+def update_board(home: FleetHome, name: str, **fields: Any) -> None:
+    with _global_lock():
+        state = load_state(home, KIND)
+        if name in state:
+            state[name].update(fields)
+            save_state(home, KIND, state)
+
+
+def down(home: FleetHome) -> list[str]:
+    """Remove every board this home's lab made (and strays carrying its tag), by name."""
+    tag = lab_tag(home)
+    removed: list[str] = []
+    with _global_lock():
+        state = load_state(home, KIND)
+        for name, b in sorted(state.items()):
+            _teardown(b)
+            removed.append(name)
+        # strays from an interrupted `up`: only names with this home's prefix
+        prefix = f"fleetlab-{tag}-iot"
+        if netns.NETNS_DIR.is_dir():
+            for entry in sorted(netns.NETNS_DIR.iterdir()):
+                if entry.name.startswith(prefix):
+                    name = entry.name.removeprefix(f"fleetlab-{tag}-")
+                    _teardown({"netns": entry.name, "host_if": f"fl{tag[:4]}i{name[3:]}",
+                               "runtime_dir": str(_rundir(home) / name),
+                               "agent_root": str(_rundir(home) / name / "agent")})
+                    if name not in removed:
+                        removed.append(name)
+        save_state(home, KIND, {})
+        rd = _rundir(home)
+        if rd.is_dir() and not any(rd.iterdir()):
+            rd.rmdir()
+    known = KnownHosts(home.known_hosts)
+    for b in state.values():
+        known.forget(b["board_addr"], 22)
+    unregister_devices(home, removed)
+    return removed
+
+
+def status(home: FleetHome) -> list[dict[str, Any]]:
+    rows = []
+    for name, b in sorted(load_state(home, KIND).items(), key=lambda kv: int(kv[1]["slot"])):
+        store: dict[str, int] = {}
+        if os.path.ismount(b["agent_root"]):
+            st = os.statvfs(b["agent_root"])
+            store = {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
+        pids = netns.netns_pids(b["netns"])
+        rows.append({
+            "name": name, "kind": KIND, "group": GROUP, "address": b["board_addr"],
+            "netns": b["netns"], "host_if": b["host_if"], "host_addr": b["host_addr"],
+            "link": netns.link_state(b["host_if"]), "sshd": "running" if pids else "stopped",
+            "processes": len(pids), "agent_root": b["agent_root"], "store": store,
+            "host_key_fingerprint": b["host_key_fingerprint"], "faults": b.get("faults", {}),
+        })
+    return rows
