@@ -1,0 +1,172 @@
+"""Controller side: build a package from files, read a package's manifest back.
+
+Two passes over the plaintext: the first hashes it (the digests go into the signed
+manifest, and the manifest's digest into every chunk), the second encrypts it. Memory
+stays at two chunk buffers; the files are checked for changes between the passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fleet import errors
+from fleet.artifacts._canonical import parse_canonical
+from fleet.artifacts.chunks import encrypt_chunks
+from fleet.artifacts.keyid import fingerprint_public_key
+from fleet.artifacts.layout import encode_header, parse_header, read_header_bytes
+from fleet.artifacts.limits import DEFAULT_CHUNK_SIZE, Limits
+from fleet.artifacts.manifest import FileEntry, Manifest
+from fleet.artifacts.orders import default_sequence
+from fleet.artifacts.recipients import Recipient, wrap_data_key
+from fleet.artifacts.verify import verify_manifest
+
+__all__ = ["base_binding", "build_package", "file_sha256", "read_manifest"]
+
+_HASH_BLOCK = 1 << 20
+
+
+def _hash_into(path: str | os.PathLike[str], hashers: Sequence[Any],
+               progress: Callable[[int], None] | None) -> None:
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            for h in hashers:
+                h.update(view[:n])
+            if progress is not None:
+                progress(n)
+
+
+def file_sha256(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+                ) -> str:
+    h = hashlib.sha256()
+    _hash_into(path, [h], progress)
+    return h.hexdigest()
+
+
+class _Concat:
+    """The payload as one stream: the files back to back (readinto only)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._paths = list(paths)
+        self._cur: BinaryIO | None = None
+
+    def readinto(self, view: memoryview) -> int:
+        while self._paths or self._cur is not None:
+            if self._cur is None:
+                self._cur = open(self._paths.pop(0), "rb", buffering=0)  # noqa: SIM115
+            n = self._cur.readinto(view)  # type: ignore[attr-defined]
+            if n:
+                return int(n)
+            self._cur.close()
+            self._cur = None
+        return 0
+
+    def close(self) -> None:
+        if self._cur is not None:
+            self._cur.close()
+
+
+def _stamp(p: Path) -> tuple[int, int, int]:
+    st = p.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, version: int,
+                  kind: str, recipients: Sequence[Recipient],
+                  signing_key: ed25519.Ed25519PrivateKey, entry: str,
+                  mnn_facts: dict[str, Any] | None, base: dict[str, Any] | None = None,
+                  golden: str | None = None, sequence: int | None = None,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  progress: Callable[[int], None] | None = None) -> Manifest:
+    """Write ``out`` (a ``.fpkg``) holding ``files`` (payload path, local file) for
+    ``recipients``, signed with ``signing_key``; returns the manifest.
+
+    ``progress`` is called with byte counts, twice per payload byte (hash, encrypt)."""
+    if not files:
+        raise errors.UsageError("a package needs at least one file")
+    if not recipients:
+        raise errors.UsageError("a package needs at least one recipient device")
+    if not Manifest.valid_name(name):
+        raise errors.UsageError(f"bad package name {name!r} (letters, digits, . _ -)")
+    lim = Limits()
+    if not lim.min_chunk_size <= chunk_size <= lim.max_chunk_size:
+        raise errors.UsageError(f"chunk size {chunk_size} out of bounds")
+    stamps = [_stamp(Path(p)) for _, p in files]
+    entries: list[FileEntry] = []
+    offset = 0
+    total = hashlib.sha256() if len(files) > 1 else None
+    for (rel, p), (size, _, _) in zip(files, stamps, strict=True):
+        h = hashlib.sha256()
+        _hash_into(p, [h] if total is None else [h, total], progress)
+        entries.append(FileEntry(rel, size, h.hexdigest(), offset))
+        offset += size
+    by_fp = {r.fingerprint: r for r in recipients}
+    m = Manifest(
+        package_id=secrets.token_hex(16), name=name, kind=kind, version=version,
+        sequence=default_sequence() if sequence is None else sequence,
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), size=offset,
+        sha256=total.hexdigest() if total is not None else entries[0].sha256,
+        chunk_size=chunk_size, files=tuple(entries), entry=entry,
+        signer=fingerprint_public_key(signing_key.public_key()), recipients={},
+        mnn=mnn_facts, golden=golden, base=base)
+    data_key = os.urandom(32)
+    digest = m.content_digest()
+    wrapped = {fp: wrap_data_key(data_key, r, digest) for fp, r in by_fp.items()}
+    m = dataclasses.replace(m, recipients=wrapped)
+    try:
+        manifest_bytes = m.to_bytes()
+        m = Manifest.from_dict(parse_canonical(manifest_bytes))  # same checks as a device
+    except errors.FormatError as exc:
+        raise errors.UsageError(f"cannot build package: {exc.message}", **exc.details) from exc
+    header = encode_header(manifest_bytes, signing_key.sign(manifest_bytes))
+    header_digest = parse_header(header).header_digest
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    src = _Concat([Path(p) for _, p in files])
+    try:
+        with open(tmp, "wb") as dst:
+            dst.write(header)
+            encrypt_chunks(src, dst, data_key, header_digest, m.size, chunk_size, progress)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if [_stamp(Path(p)) for _, p in files] != stamps:
+            raise errors.UsageError("an input file changed while it was being packaged")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        src.close()
+    return m
+
+
+def read_manifest(path: str | os.PathLike[str],
+                  trusted_signer: ed25519.Ed25519PublicKey | None = None) -> Manifest:
+    """The manifest of a package file, no key needed; with ``trusted_signer`` the signature
+    is checked too (the controller's own bookkeeping)."""
+    with open(path, "rb") as f:
+        raw = read_header_bytes(f)
+    if trusted_signer is not None:
+        return verify_manifest(raw, trusted_signer, None, None)
+    header = parse_header(raw)
+    return Manifest.from_dict(parse_canonical(header.manifest_bytes))
+
+
+def base_binding(base: Manifest) -> dict[str, Any]:
+    """The ``base`` field for a LoRA package bound to the model in package ``base``."""
+    by_name = {f.path.rsplit("/", 1)[-1]: f.sha256 for f in base.files}
+    facts = base.mnn or {}
+    return {"name": base.name, "version": base.version,
+            "llm_mnn_sha256": by_name.get("llm.mnn", base.file(base.entry).sha256),
+            "llm_weight_sha256": by_name.get("llm.mnn.weight"),
+            "quant_bits": facts.get("quant_bits"), "quant_block": facts.get("quant_block")}

@@ -1,0 +1,203 @@
+"""The signed manifest: what a package holds and who may open it.
+
+``Manifest.from_dict`` validates every field (types, ranges, file layout, names safe to
+use as directory names) and is the only way a device turns signed JSON into an object.
+The manifest without ``recipients`` is the *content*; its digest is what each wrapped
+key is bound to (the recipients are part of the header, so they cannot bind the header
+digest themselves).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet import errors
+from fleet.artifacts._canonical import canonical_bytes
+
+__all__ = ["CIPHER", "KEY_WRAP", "KINDS", "MANIFEST_TYPE", "FileEntry", "Manifest",
+           "WrappedKey", "chunk_count"]
+
+MANIFEST_TYPE = "fleet.package/1"
+CIPHER = "AES-256-GCM-CHUNKED/1"
+KEY_WRAP = "ECDH-P256+HKDF-SHA256+AES-KW/1"
+KINDS = ("model", "lora")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FP = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Number of chunks: an empty payload is one empty chunk, so the last flag exists."""
+    return max(1, -(-size // chunk_size))
+
+
+def _want(cond: bool, msg: str, **details: Any) -> None:
+    if not cond:
+        raise errors.FormatError(f"manifest: {msg}", **details)
+
+
+def _int(d: dict[str, Any], key: str, lo: int = 0) -> int:
+    v = d.get(key)
+    _want(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+          f"{key} must be an integer >= {lo}", field=key)
+    return int(v)  # type: ignore[arg-type]
+
+
+def _str(d: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
+    v = d.get(key)
+    _want(isinstance(v, str) and (pattern is None or bool(pattern.match(v))),
+          f"{key} is missing or malformed", field=key)
+    return str(v)
+
+
+def _safe_path(p: Any) -> bool:
+    if not isinstance(p, str) or not p or len(p) > 255 or p.startswith("/") or "\\" in p:
+        return False
+    return all(part not in ("", ".", "..") for part in p.split("/")) and "\x00" not in p
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+    offset: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256,
+                "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    epk: str  # base64 of the ephemeral P-256 public key, X9.62 uncompressed (65 bytes)
+    wrapped_key: str  # base64 of the RFC 3394 wrapped 32-byte data key (40 bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epk": self.epk, "wrapped_key": self.wrapped_key}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    package_id: str
+    name: str
+    kind: str
+    version: int
+    sequence: int
+    created: str
+    size: int
+    sha256: str
+    chunk_size: int
+    files: tuple[FileEntry, ...]
+    entry: str
+    signer: str
+    recipients: dict[str, WrappedKey] = field(default_factory=dict)
+    mnn: dict[str, Any] | None = None
+    golden: str | None = None
+    base: dict[str, Any] | None = None
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise errors.NotFoundError(f"no file {path!r} in package {self.name}", path=path)
+
+    def content_dict(self) -> dict[str, Any]:
+        """Every field but ``recipients``: what the wrapped keys are bound to."""
+        return {
+            "type": MANIFEST_TYPE, "id": self.package_id, "name": self.name,
+            "kind": self.kind, "version": self.version, "sequence": self.sequence,
+            "created": self.created,
+            "payload": {"size": self.size, "sha256": self.sha256,
+                        "chunk_size": self.chunk_size, "chunks": self.chunks,
+                        "cipher": CIPHER},
+            "files": [f.to_dict() for f in self.files], "entry": self.entry,
+            "mnn": self.mnn, "golden": self.golden, "base": self.base,
+            "signer": self.signer, "key_wrap": KEY_WRAP,
+        }
+
+    def content_digest(self) -> bytes:
+        return hashlib.sha256(canonical_bytes(self.content_dict())).digest()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.content_dict()
+        d["recipients"] = {fp: w.to_dict() for fp, w in sorted(self.recipients.items())}
+        return d
+
+    def to_bytes(self) -> bytes:
+        return canonical_bytes(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        _want(isinstance(d, dict), "not a JSON object")
+        _want(d.get("type") == MANIFEST_TYPE, f"type must be {MANIFEST_TYPE!r}",
+              type=d.get("type"))
+        _want(d.get("key_wrap") == KEY_WRAP, "unknown key wrap", key_wrap=d.get("key_wrap"))
+        payload = d.get("payload")
+        _want(isinstance(payload, dict), "payload must be an object")
+        _want(payload.get("cipher") == CIPHER, "unknown cipher", cipher=payload.get("cipher"))
+        size = _int(payload, "size")
+        chunk_size = _int(payload, "chunk_size", 1)
+        _want(payload.get("chunks") == chunk_count(size, chunk_size),
+              "payload.chunks does not match size / chunk_size")
+        kind = _str(d, "kind")
+        _want(kind in KINDS, f"kind must be one of {KINDS}", kind=kind)
+        files = cls._files(d.get("files"), size)
+        entry = _str(d, "entry")
+        _want(any(f.path == entry for f in files), "entry names no file", entry=entry)
+        golden = d.get("golden")
+        _want(golden is None or any(f.path == golden for f in files),
+              "golden names no file", golden=golden)
+        for opt in ("mnn", "base"):
+            _want(d.get(opt) is None or isinstance(d.get(opt), dict), f"{opt} must be an object")
+        _want(kind != "lora" or isinstance(d.get("base"), dict),
+              "a lora package must carry its base binding")
+        recips = d.get("recipients")
+        _want(isinstance(recips, dict) and len(recips) > 0, "no recipients")
+        recipients: dict[str, WrappedKey] = {}
+        for fp, w in recips.items():
+            _want(bool(_FP.match(fp)) and isinstance(w, dict)
+                  and isinstance(w.get("epk"), str) and isinstance(w.get("wrapped_key"), str)
+                  and set(w) == {"epk", "wrapped_key"}, "malformed recipient", recipient=fp)
+            recipients[fp] = WrappedKey(epk=w["epk"], wrapped_key=w["wrapped_key"])
+        m = cls(package_id=_str(d, "id", re.compile(r"^[0-9a-f]{32}$")),
+                name=_str(d, "name", _NAME), kind=kind, version=_int(d, "version", 1),
+                sequence=_int(d, "sequence"), created=_str(d, "created"), size=size,
+                sha256=_str(payload, "sha256", _HEX64), chunk_size=chunk_size,
+                files=files, entry=entry, signer=_str(d, "signer", _FP),
+                recipients=recipients, mnn=d.get("mnn"), golden=golden, base=d.get("base"))
+        _want(m.to_dict() == d, "unknown or extra fields")
+        return m
+
+    @staticmethod
+    def _files(raw: Any, size: int) -> tuple[FileEntry, ...]:
+        _want(isinstance(raw, list) and len(raw) > 0, "files must be a non-empty list")
+        out: list[FileEntry] = []
+        offset = 0
+        seen: set[str] = set()
+        for f in raw:
+            _want(isinstance(f, dict) and set(f) == {"path", "size", "sha256", "offset"},
+                  "malformed file entry")
+            path = f["path"]
+            _want(_safe_path(path), "unsafe file path", path=path)
+            _want(path not in seen, "duplicate file path", path=path)
+            seen.add(path)
+            fsize = _int(f, "size")
+            _want(_int(f, "offset") == offset, "files must tile the payload in order",
+                  path=path)
+            out.append(FileEntry(path=path, size=fsize, sha256=_str(f, "sha256", _HEX64),
+                                 offset=offset))
+            offset += fsize
+        _want(offset == size, "file sizes do not add up to the payload size")
+        return tuple(out)
+
+    @staticmethod
+    def valid_name(name: str) -> bool:
+        return bool(_NAME.match(name))
