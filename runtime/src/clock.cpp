@@ -6,6 +6,10 @@
 
 #include <cstdio>
 
+#if defined(__APPLE__)
+#include <mach/mach.h>
+#endif
+
 namespace fleet {
 
 std::int64_t monotonic_ns() {
@@ -25,6 +29,15 @@ std::int64_t peak_rss_bytes() {
 }
 
 std::int64_t current_rss_bytes() {
+#if defined(__APPLE__)
+  mach_task_basic_info_data_t info;
+  mach_msg_type_number_t count = MACH_TASK_BASIC_INFO_COUNT;
+  if (task_info(mach_task_self(), MACH_TASK_BASIC_INFO, reinterpret_cast<task_info_t>(&info),
+                &count) != KERN_SUCCESS) {
+    return -1;
+  }
+  return static_cast<std::int64_t>(info.resident_size);
+#else
   FILE* f = std::fopen("/proc/self/statm", "r");
   if (!f) return -1;
   long size = 0, resident = 0;
@@ -32,6 +45,7 @@ std::int64_t current_rss_bytes() {
   std::fclose(f);
   if (n != 2) return -1;
   return static_cast<std::int64_t>(resident) * sysconf(_SC_PAGESIZE);
+#endif
 }
 
 }  // namespace fleet
