@@ -24,11 +24,54 @@ from typing import Any
 from fleet_agent.engine import GPU_BACKENDS, LoadedModel, RuntimeConfig, mnn, mnn_version
 from fleet_agent.fdcapture import capture_fds
 
-__all__ = ["TRIED_BACKENDS", "build_backend_details", "detect_build_backends"]
+__all__ = ["TRIED_BACKENDS", "build_backend_details", "build_cpu_kernels",
+           "detect_build_backends"]
 
 #: Backends worth a trial besides the CPU (which every build has).
 TRIED_BACKENDS: tuple[str, ...] = (*GPU_BACKENDS, "nn")
 _TRIAL_TIMEOUT_S = 120.0
+
+
+#: Byte markers of CPU kernel families in MNN's engine library (function and file names).
+_KERNEL_MARKERS: dict[str, bytes] = {
+    "sse": b"_SSE_", "avx2": b"AVX2Backend", "avx512": b"_AVX512_", "vnni": b"VNNI",
+    "arm82_fp16": b"Arm82",
+}
+
+
+def _engine_libraries() -> list[Path]:
+    import importlib.util
+
+    found: list[Path] = []
+    spec = importlib.util.find_spec("_mnncengine")
+    if spec is not None and spec.origin:
+        found.append(Path(spec.origin))
+    pkg = Path(mnn().__file__).parent
+    found.extend(sorted(pkg.parent.glob("libMNN*.so*")) + sorted(pkg.glob("libMNN*.so*")))
+    return [p for p in found if p.is_file()]
+
+
+def build_cpu_kernels() -> dict[str, Any]:
+    """Which CPU kernel families the MNN library contains, read from its bytes.
+
+    Why: the x86-64 wheel's kernels stop at AVX2 (FIELD-NOTES 5) and fp16 compute on Arm
+    needs a build with ``MNN_ARM82``; nothing in pymnn says so, but the kernels' symbol
+    names are in the library. ``None`` values mean no library was found to read.
+    """
+    libs = _engine_libraries()
+    if not libs:
+        return {"library": None, **{k: None for k in _KERNEL_MARKERS}}
+    hits = dict.fromkeys(_KERNEL_MARKERS, False)
+    overlap = max(len(m) for m in _KERNEL_MARKERS.values())
+    with libs[0].open("rb") as fh:
+        tail = b""
+        while chunk := fh.read(4 << 20):
+            window = tail + chunk
+            for key, marker in _KERNEL_MARKERS.items():
+                if not hits[key] and marker in window:
+                    hits[key] = True
+            tail = window[-overlap:]
+    return {"library": str(libs[0]), **hits}
 
 
 def _cache_file(cache_dir: Path, version: str) -> Path:
@@ -85,7 +128,7 @@ def build_backend_details(cache_dir: Path, *, refresh: bool = False,
         detail = _trial_in_child(model) if isolate else _trial(model)
     doc = {"mnn_version": version,
            "backends": {name: bool(info.get("present")) for name, info in detail.items()},
-           "detail": detail}
+           "detail": detail, "cpu_kernels": build_cpu_kernels()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = cache.with_suffix(f".tmp{os.getpid()}")
     tmp_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
