@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 APT_PACKAGES := build-essential cmake git pkg-config \
 	iproute2 nftables openssh-server openssh-client \
-	adb libimobiledevice-utils usbmuxd \
+	adb bubblewrap libimobiledevice-utils usbmuxd \
 	pocl-opencl-icd ocl-icd-libopencl1 clinfo mesa-vulkan-drivers libvulkan1 vulkan-tools
 
 .PHONY: all setup apt venv native demo test lint typecheck bench clean
