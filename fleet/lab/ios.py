@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_BUNDLE",
     "GROUP",
     "down",
+    "heal",
     "ios_dir",
     "make_foreign_pair_record",
     "set_app",
@@ -245,8 +246,22 @@ def make_foreign_pair_record(home: FleetHome, name: str, *, same_host_id: bool) 
     mine = _host(home, state)
     other = make_host_identity(state["buid"], mine.host_id if same_host_id else None)
     record, _ = make_pair_record(other, make_device_key())
-    _write_private(ios_dir(home) / "pair_records" / f"{phone['udid']}.plist",
-                   plistlib.dumps(record))
+    path = ios_dir(home) / "pair_records" / f"{phone['udid']}.plist"
+    backup = path.with_name(path.name + ".orig")
+    if not backup.exists():
+        _write_private(backup, path.read_bytes())
+    _write_private(path, plistlib.dumps(record))
+
+
+def heal(home: FleetHome, name: str) -> None:
+    """Undo every fault on one phone: app installed and answering, own pair record back."""
+    set_app(home, name, "ok")
+    state = load_state(home, KIND)
+    phone = next(p for p in state["phones"] if name in (p["name"], p["udid"]))
+    path = ios_dir(home) / "pair_records" / f"{phone['udid']}.plist"
+    backup = path.with_name(path.name + ".orig")
+    if backup.exists():
+        os.replace(backup, path)
 
 
 # -- the daemon ----------------------------------------------------------------------------
