@@ -24,6 +24,7 @@ VerbFn = Callable[[AgentContext, dict[str, Any]], dict[str, Any]]
 VERBS: dict[str, str] = {
     "status": "fleet_agent.verbs_basic:status",
     "enroll": "fleet_agent.verbs_basic:enroll",
+    "probe": "fleet_agent.probe:probe_verb",
 }
 
 
