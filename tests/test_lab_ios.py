@@ -160,3 +160,31 @@ def test_lab_up_adds_phones_keeps_udids_and_down_stops(home: FleetHome) -> None:
         assert [d.uri for d in back] == [d.uri for d in first]
     finally:
         ios.down(home)
+
+
+def test_afc_file_operations_through_tidevice_sync(ios_lab: IosLab,
+                                                   tidevice_home: Path) -> None:
+    phone = ios_lab.phones(1)[0]
+    dev = tidevice.Device(phone.extra["udid"], str(ios_lab.socket))
+    sync = dev.app_sync(DEFAULT_BUNDLE, command="VendContainer")
+    if sync.exists("/tmp/afc"):
+        sync.rmtree("/tmp/afc")
+    assert sync.mkdir("/tmp/afc/a/b") == 0  # AFC MakeDir creates parents
+    sync.push_content("/tmp/afc/a/b/f.bin", b"0123456789")
+    assert bytes(sync.pull_content("/tmp/afc/a/b/f.bin")) == b"0123456789"
+    assert sync.stat("/tmp/afc/a/b/f.bin").st_size == 10
+    assert sync.rename("/tmp/afc/a/b/f.bin", "/tmp/afc/g.bin") == 0
+    assert sorted(sync.listdir("/tmp/afc")) == ["a", "g.bin"]
+    assert sync.remove("/tmp/afc/a").name == "ST_DIR_NOT_EMPTY"
+    assert sync.remove("/tmp/afc/missing").name == "ST_OBJECT_NOT_FOUND"
+    removed = sync.rmtree("/tmp/afc")
+    assert "/tmp/afc/g.bin" in removed and not sync.exists("/tmp/afc")
+    assert not (ios_lab.container(phone) / "tmp" / "afc").exists()
+
+
+def test_usbmuxd_listen_announces_attached_phones(ios_lab: IosLab) -> None:
+    phones = ios_lab.phones(2)
+    events = tidevice.Usbmux(str(ios_lab.socket)).watch_device()
+    seen = {next(events)["Properties"]["SerialNumber"] for _ in phones}
+    events.close()
+    assert seen == {p.extra["udid"] for p in phones}
