@@ -54,10 +54,14 @@ def _nft(ns: str, script: str) -> None:
 def _set_loss(ns: str, percent: int) -> None:
     _clear_loss(ns)
     _nft(ns, f"""table inet {NFT_TABLE} {{
-  chain in {{ type filter hook input priority 0; policy accept;
-    iifname "eth0" numgen random mod 100 < {percent} drop }}
-  chain out {{ type filter hook output priority 0; policy accept;
-    oifname "eth0" numgen random mod 100 < {percent} drop }}
+  chain in {{
+    type filter hook input priority 0; policy accept;
+    iifname "eth0" numgen random mod 100 < {percent} drop
+  }}
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    oifname "eth0" numgen random mod 100 < {percent} drop
+  }}
 }}
 """)
 

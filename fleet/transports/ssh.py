@@ -132,9 +132,8 @@ class SshTransport(Transport):
         keys: list[paramiko.PKey] = []
         key_path = self.options.ssh_key
         if key_path is None and self.options.home is not None:
-            candidate = FleetHome(Path(self.options.home)).ssh_key
-            key_path = candidate if candidate.exists() else None
-        if key_path is not None:
+            key_path = FleetHome(Path(self.options.home)).ssh_key
+        if key_path is not None and Path(key_path).exists():
             keys.append(load_private_key(Path(key_path)))
         if os.environ.get("SSH_AUTH_SOCK"):
             with contextlib.suppress(paramiko.SSHException, OSError):
@@ -338,27 +337,34 @@ class SshTransport(Transport):
         part = path + ".part"
         offset = self._prepare_push(local, path, part, size, resume)
         sent = 0
-        with self._op(f"push {local.name}"):
-            sftp = self._sftp()
-            if progress:
-                progress(offset, size)
-            try:
-                if offset < size:
-                    with sftp.open(part, "r+b" if offset else "wb") as f, \
-                            open(local, "rb") as src:
-                        f.set_pipelined(True)
-                        f.seek(offset)
-                        src.seek(offset)
-                        while block := src.read(_CHUNK):
-                            f.write(block)
-                            sent += len(block)
-                            if progress:
-                                progress(offset + sent, size)
-            except OSError as exc:
-                if not isinstance(exc, (TimeoutError, ConnectionError)):
-                    self._maybe_disk_full(exc, path, part, size - offset)
-                raise
-            digest = self._finish_push(local, path, part, size)
+        try:
+            with self._op(f"push {local.name}"):
+                sftp = self._sftp()
+                if progress:
+                    progress(offset, size)
+                try:
+                    if offset < size:
+                        with sftp.open(part, "r+b" if offset else "wb") as f, \
+                                open(local, "rb") as src:
+                            f.set_pipelined(True)
+                            f.seek(offset)
+                            src.seek(offset)
+                            while block := src.read(_CHUNK):
+                                f.write(block)
+                                sent += len(block)
+                                if progress:
+                                    progress(offset + sent, size)
+                except OSError as exc:
+                    alive = self._t is not None and self._t.is_active()
+                    if alive and not isinstance(exc, (TimeoutError, ConnectionError)):
+                        self._maybe_disk_full(exc, path, part, size - offset)
+                    raise
+                digest = self._finish_push(local, path, part, size)
+        except errors.TransportError as exc:
+            # how far this attempt got; the next push resumes from what the device kept
+            exc.details.setdefault("bytes_sent", sent)
+            exc.details.setdefault("resumed_from", offset)
+            raise
         return TransferResult(local=str(local), remote=remote, size=size, bytes_sent=sent,
                               resumed_from=offset, sha256=digest,
                               duration_s=time.monotonic() - start)
