@@ -1,0 +1,204 @@
+"""What an ``.mnn`` file is: validated by loading it with MNN, then described.
+
+``validate_mnn(path)`` loads the file with ``MNN.nn.load_module_from_file`` (anything MNN
+cannot load is ``InvalidModelError``) and returns the facts that go into a manifest:
+version, bizCode, inputs and outputs (name, shape, dtype, layout, from
+``MNN.expr.load_as_dict``), and the weight storage.
+
+pymnn does not tell the weight-quantization bits, so they are read from the model's
+flatbuffer (schema ``MNN.fbs``/``CaffeOp.fbs``): for each Convolution2D / InnerProduct op
+with an ``IDSTQuan`` parameter, ``type`` 3 is fp16 storage, and for quantized weights
+the bits come from the value-table size at the head of ``buffer`` (byte after the shape:
+N distinct values, 0 meaning 256, bits = ceil(log2 N)); MNN >= 3 also writes the bits to
+``aMax``, which is used when the buffer is external (MNN-LLM ``llm.mnn.weight``). A
+block size is reported when ``readType`` (number of scale groups) exceeds the output
+channels: block = input channels x kernel area / (readType / output channels). The
+parser only reads files that MNN has already loaded (and so verified).
+
+MNN prints a banner to C stdout when imported; :func:`quiet_stdout` keeps it off a
+command's stdout (which carries JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fleet import errors
+
+__all__ = ["inspect_model", "inspect_weights", "quiet_stdout", "validate_mnn"]
+
+# OpParameter union indexes (MNN.fbs; the union is append-only).
+_P_CONV2D = 9
+_P_INNER_PRODUCT = 20
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Send C-level writes to fd 1 to fd 2 for the duration (MNN's import banner)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class _Fb:
+    """Just enough of a flatbuffers reader (little-endian tables, vtables, vectors)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.b = data
+
+    def u32(self, o: int) -> int:
+        return int(struct.unpack_from("<I", self.b, o)[0])
+
+    def i32(self, o: int) -> int:
+        return int(struct.unpack_from("<i", self.b, o)[0])
+
+    def field(self, t: int, slot: int) -> int | None:
+        vt = t - self.i32(t)
+        vlen = int(struct.unpack_from("<H", self.b, vt)[0])
+        if 4 + 2 * slot >= vlen:
+            return None
+        fo = int(struct.unpack_from("<H", self.b, vt + 4 + 2 * slot)[0])
+        return t + fo if fo else None
+
+    def scalar(self, t: int, slot: int, fmt: str, default: int = 0) -> int:
+        p = self.field(t, slot)
+        return default if p is None else int(struct.unpack_from(fmt, self.b, p)[0])
+
+    def table(self, t: int, slot: int) -> int | None:
+        p = self.field(t, slot)
+        return None if p is None else p + self.u32(p)
+
+    def vector(self, t: int, slot: int) -> tuple[int, int] | None:
+        p = self.field(t, slot)
+        if p is None:
+            return None
+        v = p + self.u32(p)
+        return v + 4, self.u32(v)
+
+
+def _bits_from_buffer(fb: _Fb, buf: tuple[int, int], use_int32: bool) -> int | None:
+    start, length = buf
+    if length < 2:
+        return None
+    dims = fb.b[start]
+    head = 1 + dims * (4 if use_int32 else 2)
+    if head >= length:
+        return None
+    count = fb.b[start + head] or 256
+    return max(1, math.ceil(math.log2(count)))
+
+
+def inspect_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Weight storage of the conv / fully-connected layers (see the module docstring)."""
+    fb = _Fb(Path(path).read_bytes())
+    out: dict[str, Any] = {"float_layers": 0, "fp16_layers": 0, "quant_layers": 0,
+                           "bits": [], "blocks": []}
+    try:
+        ops = fb.vector(fb.u32(0), 3)
+        for k in range(ops[1] if ops else 0):
+            e = ops[0] + 4 * k  # type: ignore[index]
+            op = e + fb.u32(e)
+            ptype = fb.scalar(op, 1, "<B")
+            main = fb.table(op, 2)
+            if ptype not in (_P_CONV2D, _P_INNER_PRODUCT) or main is None:
+                continue
+            quan = fb.table(main, 3 if ptype == _P_CONV2D else 7)
+            if quan is None:
+                out["float_layers"] += 1
+                continue
+            qtype = fb.scalar(quan, 2, "<i")
+            if qtype == 3:
+                out["fp16_layers"] += 1
+                continue
+            buf = fb.vector(quan, 0)
+            bits = _bits_from_buffer(fb, buf, bool(fb.scalar(quan, 3, "<B"))) if buf else None
+            if bits is None:
+                bits = fb.scalar(quan, 7, "<i") or None  # aMax holds the bits in MNN >= 3
+            out["quant_layers"] += 1
+            if bits and bits not in out["bits"]:
+                out["bits"].append(bits)
+            common = fb.table(main, 0) if ptype == _P_CONV2D else None
+            groups = fb.scalar(quan, 9, "<i")  # readType: number of scale groups
+            if common is not None and groups:
+                oc = fb.scalar(common, 10, "<i")
+                ic = fb.scalar(common, 11, "<i")
+                area = fb.scalar(common, 2, "<i", 1) * fb.scalar(common, 3, "<i", 1)
+                if oc and groups > oc and groups % oc == 0:
+                    block = ic * area // (groups // oc)
+                    if block not in out["blocks"]:
+                        out["blocks"].append(block)
+    except (struct.error, IndexError, TypeError) as exc:
+        raise errors.InvalidModelError(f"{path}: cannot read MNN op list", path=str(path)
+                                       ) from exc
+    out["bits"].sort()
+    out["blocks"].sort()
+    return out
+
+
+def _tensor_facts(var: Any) -> dict[str, Any]:
+    def name_of(v: Any) -> str:
+        return str(v).rsplit(".", 1)[-1]
+
+    try:
+        shape = [int(d) for d in var.shape]
+    except Exception:  # dynamic or unknown shape
+        shape = None
+    return {"shape": shape, "dtype": name_of(var.dtype), "format": name_of(var.data_format)}
+
+
+def validate_mnn(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``path`` with MNN (InvalidModelError if it cannot) and return its facts."""
+    p = Path(path)
+    if not p.is_file():
+        raise errors.InvalidModelError(f"{p}: no such model file", path=str(p))
+    with p.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise errors.InvalidModelError(f"{p} is not an MNN model (too short)", path=str(p))
+    with quiet_stdout():
+        import MNN
+
+        try:
+            module = MNN.nn.load_module_from_file(str(p), [], [])
+            info = module.get_info()
+        except Exception as exc:  # pymnn raises SystemError/Exception for a bad file
+            raise errors.InvalidModelError(f"{p} is not a loadable MNN model",
+                                           path=str(p)) from exc
+        try:
+            tensors = MNN.expr.load_as_dict(str(p))
+        except Exception:
+            tensors = {}
+    inputs = [{"name": n, **_tensor_facts(tensors[n])} if n in tensors else {"name": n}
+              for n in info.get("inputNames", [])]
+    outputs = [{"name": n, **_tensor_facts(tensors[n])} if n in tensors else {"name": n}
+               for n in info.get("outputNames", [])]
+    weights = inspect_weights(p)
+    bits = weights["bits"]
+    blocks = weights["blocks"]
+    return {
+        "format": "mnn", "mnn_version": str(info.get("version", "")),
+        "biz_code": str(info.get("bizCode", "")), "inputs": inputs, "outputs": outputs,
+        "weights": weights,
+        "quant_bits": bits[0] if len(bits) == 1 else (bits or None),
+        "quant_block": blocks[0] if len(blocks) == 1 else (blocks or None),
+        "fp16": weights["fp16_layers"] > 0,
+    }
+
+
+#: the name ``fleet.rollout.packaging`` uses: validate and describe in one call
+inspect_model = validate_mnn
