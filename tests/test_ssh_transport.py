@@ -16,6 +16,7 @@ from fleet.lab import faults, iot
 from fleet.transports import TransferResult, open_transport
 from fleet.transports._known_hosts import KnownHosts, fingerprint
 from fleet.transports.ssh import SshTransport
+
 pytest_plugins = ("tests.lab_fixtures",)
 
 if TYPE_CHECKING:
