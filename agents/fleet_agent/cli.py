@@ -25,6 +25,11 @@ VERBS: dict[str, str] = {
     "status": "fleet_agent.verbs_basic:status",
     "enroll": "fleet_agent.verbs_basic:enroll",
     "probe": "fleet_agent.probe:probe_verb",
+    "stage": "fleet_agent.verbs_install:stage",
+    "activate": "fleet_agent.verbs_install:activate",
+    "rollback": "fleet_agent.verbs_install:rollback",
+    "bench": "fleet_agent.verbs_install:bench",
+    "audit": "fleet_agent.verbs_install:audit",
 }
 
 

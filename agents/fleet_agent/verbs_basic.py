@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from importlib import metadata
@@ -23,10 +22,24 @@ def _mnn_version() -> str | None:
         return None
 
 
+def _installed(ctx: AgentContext) -> dict[str, Any]:
+    """Per model name: the store's view plus ``version``/``digest`` of the active slot."""
+    if not ctx.state_file.exists():
+        return {}
+    from fleet_agent.store import Store
+
+    store = Store(ctx)
+    out: dict[str, Any] = {}
+    for name, info in store.installed().items():
+        row = dict(info)
+        if info.get("active") is not None:
+            row["version"] = info["active"]
+            row["digest"] = store.manifest(name, info["active"]).sha256
+        out[name] = row
+    return out
+
+
 def status(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    if ctx.state_file.exists():
-        state = json.loads(ctx.state_file.read_text())
     return {
         "agent_version": AGENT_VERSION,
         "root": str(ctx.root),
@@ -36,7 +49,7 @@ def status(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
         "python": platform.python_version(),
         "mnn_version": _mnn_version(),
         "pid": os.getpid(),
-        "installed": state.get("slots", {}),
+        "installed": _installed(ctx),
     }
 
 
@@ -47,11 +60,11 @@ def enroll(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
     pem, fp = public_pem(key)
     controller_pub = args.get("controller_pub")
     if controller_pub:
-        if ctx.trust_file.exists() and ctx.trust_file.read_text() != controller_pub:
-            if not args.get("replace_trust"):
-                raise errors.UntrustedSignerError(
-                    "device already trusts another controller key; re-enroll with "
-                    "replace_trust to change it", trust_file=str(ctx.trust_file))
+        if (ctx.trust_file.exists() and ctx.trust_file.read_text() != controller_pub
+                and not args.get("replace_trust")):
+            raise errors.UntrustedSignerError(
+                "device already trusts another controller key; re-enroll with "
+                "replace_trust to change it", trust_file=str(ctx.trust_file))
         tmp = ctx.trust_file.with_suffix(".tmp")
         tmp.write_text(controller_pub)
         os.replace(tmp, ctx.trust_file)
