@@ -7,7 +7,6 @@ file under ``home.lab_dir`` listing exactly what it made, so ``down`` removes by
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -83,14 +82,22 @@ def save_state(home: FleetHome, kind: str, data: dict[str, Any]) -> None:
 
 
 def register_devices(home: FleetHome, devices: Sequence[LabDevice]) -> None:
-    """Put lab devices into the registry (replacing stale rows of the same name)."""
+    """Put lab devices into the registry. Idempotent: a row with the same name and URI is
+    kept (with its enrollment), a stale row of the same name is replaced."""
     from fleet.registry import Registry
 
     reg = Registry.open(home)
     try:
         for dev in devices:
             reg.ensure_group(dev.group)
-            with contextlib.suppress(errors.NotFoundError):
+            try:
+                row = reg.get_device(dev.name)
+            except errors.NotFoundError:
+                row = None
+            if row is not None and row.uri == dev.uri:
+                reg.add_to_group(dev.group, [dev.name])
+                continue
+            if row is not None:
                 reg.remove_device(dev.name)
             reg.add_device(dev.name, dev.uri, groups=(dev.group,), platform=dev.platform,
                            agent_root=dev.agent_root, agent_cmd=list(dev.agent_cmd),
