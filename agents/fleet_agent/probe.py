@@ -61,6 +61,8 @@ def probe(*, isolate: bool = True, timeout_s: float = 10.0) -> dict[str, Any]:
     ``timeout_s`` bounds each isolated GPU API probe; ``isolate=False`` probes the drivers
     in this process (faster, but a broken driver can then crash it).
     """
+    if timeout_s <= 0:
+        raise errors.UsageError("timeout_s must be positive", timeout_s=timeout_s)
     timeout_ms = max(1, int(timeout_s * 1000))
     try:
         from fleet_agent import native
@@ -172,12 +174,12 @@ def probe_verb(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
     """
     isolate = bool(args.get("isolate", True))
     timeout_s = float(args.get("timeout_s", 10.0))
-    if timeout_s <= 0:
-        raise errors.UsageError("timeout_s must be positive", timeout_s=timeout_s)
     via = str(args.get("via", "module"))
     if via == "module":
         doc = probe(isolate=isolate, timeout_s=timeout_s)
     elif via == "executable":
+        if timeout_s <= 0:
+            raise errors.UsageError("timeout_s must be positive", timeout_s=timeout_s)
         doc = probe_via_executable(isolate=isolate, timeout_s=timeout_s + 30.0)
     else:
         raise errors.UsageError(f"via must be 'module' or 'executable', not {via!r}", via=via)

@@ -1,6 +1,6 @@
-// Peak memory around a benchmark. getrusage's ru_maxrss is the peak of the whole process
-// life and cannot be reset, so a model loaded after a bigger one would show the bigger
-// one's peak. Linux (>= 4.0) can reset the kernel's high-water mark (VmHWM) through
+// Peak memory around a benchmark. The process peak (VmHWM, getrusage's ru_maxrss) covers
+// the whole life of the process, so a model loaded after a bigger one would show the
+// bigger one's peak. Linux (>= 4.0) can reset that high-water mark through
 // /proc/self/clear_refs; where that is refused (Android SELinux, old kernels, macOS) a
 // background thread samples the current RSS instead.
 #pragma once
