@@ -106,6 +106,36 @@ def test_mailbox_run_returns_the_agents_json(ios_lab: IosLab) -> None:
     assert list((box / "inbox").iterdir()) == [] and list((box / "outbox").iterdir()) == []
 
 
+def test_taken_request_may_run_longer_than_the_pickup_deadline(ios_lab: IosLab) -> None:
+    phone = ios_lab.phones(1)[0]
+    # the agent needs well over 0.2 s to start; the app takes the request at once
+    with ios_lab.transport(phone, mailbox_timeout=0.2) as t:
+        res = t.run(STATUS, timeout=60)
+    assert res.exit_code == 0 and res.duration_s > 0.2
+    assert json.loads(res.stdout)["ok"] is True
+
+
+def test_answer_later_than_the_run_timeout_is_pending(ios_lab: IosLab) -> None:
+    phone = ios_lab.phones(2)[1]
+    outbox = ios_lab.container(phone) / "Documents" / "fleet" / "outbox"
+    try:
+        ios.set_app(ios_lab.home, phone.name, "slow")  # takes at once, answers 3 s later
+        with ios_lab.transport(phone, mailbox_timeout=30) as t:
+            started = time.monotonic()
+            with pytest.raises(errors.MailboxPendingError, match="took request") as info:
+                t.run(STATUS, timeout=1.0)
+            assert 1.0 <= time.monotonic() - started < 2.5
+        assert info.value.details["picked_up"] is True
+        late = outbox / f"{info.value.details['request_id']}.json"
+        deadline = time.monotonic() + 30
+        while not late.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(late.read_text())["exit_code"] == 0  # it did run, later
+        late.unlink()
+    finally:
+        ios_lab.heal(phone.name)
+
+
 def test_mailbox_is_not_a_shell(ios_lab: IosLab) -> None:
     phone = ios_lab.phones(1)[0]
     with ios_lab.transport(phone) as t:
@@ -150,7 +180,6 @@ def test_unanswered_mailbox_is_pending_within_the_deadline(ios_lab: IosLab) -> N
     phone = ios_lab.phones(2)[1]
     try:
         ios.set_app(ios_lab.home, phone.name, "mute")
-        time.sleep(0.5)  # the daemon re-reads its state file every 0.3 s
         with ios_lab.transport(phone, mailbox_timeout=1.5) as t:
             started = time.monotonic()
             with pytest.raises(errors.MailboxPendingError) as info:

@@ -188,6 +188,7 @@ def up(home: FleetHome, count: int, *, start_index: int = 0,
         wanted.append(phone)
     save_state(home, KIND, state)
     _start_daemon(home)
+    _wait_applied(home)
     return [_lab_device(home, p) for p in wanted]
 
 
@@ -221,16 +222,32 @@ def status(home: FleetHome) -> list[dict[str, Any]]:
              "socket": str(socket_path(home))} for p in state.get("phones", [])]
 
 
+def _wait_applied(home: FleetHome, timeout: float = 10.0) -> None:
+    """Return once the running daemon has loaded the current state file."""
+    if _daemon_pid(home) is None:
+        return
+    state_file = home.lab_dir / f"{KIND}.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if int((ios_dir(home) / "applied").read_text()) == state_file.stat().st_mtime_ns:
+                return
+        time.sleep(0.02)
+    raise errors.LabError(f"the iOS lab daemon did not load {state_file} within {timeout}s")
+
+
 def set_app(home: FleetHome, name: str, mode: str) -> None:
-    """Fault injection: ``ok``, ``mute`` (the app never answers its mailbox) or
-    ``missing`` (the app is not installed: house_arrest says ApplicationLookupFailed)."""
-    if mode not in ("ok", "mute", "missing"):
+    """Fault injection: ``ok``, ``mute`` (the app never answers its mailbox), ``slow``
+    (it takes requests at once, answers seconds later) or ``missing`` (the app is not
+    installed: house_arrest says ApplicationLookupFailed)."""
+    if mode not in ("ok", "mute", "slow", "missing"):
         raise errors.UsageError(f"unknown app mode {mode!r}", mode=mode)
     state = load_state(home, KIND)
     for phone in state.get("phones", []):
         if name in (phone["name"], phone["udid"]):
             phone["app"] = mode
             save_state(home, KIND, state)
+            _wait_applied(home)
             return
     raise errors.NotFoundError(f"no lab iPhone named {name!r}", name=name)
 

@@ -13,7 +13,8 @@ Both sides write to a dot-named temp file and rename, so nobody reads half a doc
 The app runs only the agent (``argv[0] == "fleet-agent"``), never arbitrary programs: the
 mailbox is not a shell. Here the agent runs as ``python -m fleet_agent`` with the app
 container as working directory, one request at a time per phone. ``mute`` emulates an
-app that iOS keeps suspended: requests stay unanswered.
+app that iOS keeps suspended: requests stay unanswered; ``slow`` takes each request at
+once but answers only after :data:`SLOW_S` seconds (a long benchmark).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ OUTBOX = "Documents/fleet/outbox"
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _AGENT = AGENT_ARGV0
 _DEFAULT_TIMEOUT = 600.0
+SLOW_S = 3.0
 
 
 def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
@@ -95,7 +97,7 @@ class EmulatedApp(threading.Thread):
     def run(self) -> None:
         inbox, outbox = self.container / INBOX, self.container / OUTBOX
         while not self._stop_event.wait(self.poll_s):
-            if self.mode != "ok":
+            if self.mode not in ("ok", "slow"):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 for entry in sorted(os.scandir(inbox), key=lambda e: e.name):
@@ -123,6 +125,8 @@ class EmulatedApp(threading.Thread):
         except (OSError, ValueError) as exc:
             request = {"id": rid, "argv": None, "_error": str(exc)}
         request["id"] = rid
+        if self.mode == "slow" and self._stop_event.wait(SLOW_S):
+            return
         response = handle_request(self.container, request, python=self.python)
         outbox.mkdir(parents=True, exist_ok=True)
         _write_atomic(outbox / f"{rid}.json", response)

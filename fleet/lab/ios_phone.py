@@ -47,7 +47,7 @@ class PhoneSpec:
     udid: str
     device_id: int
     bundle: str
-    app: str = "ok"  #: "ok" | "mute" (never answers) | "missing" (not installed)
+    app: str = "ok"  #: "ok" | "mute" (never answers) | "slow" | "missing" (not installed)
     product_type: str = "iPhone14,5"
     product_version: str = "16.7.2"
     build_version: str = "20H115"
@@ -150,13 +150,13 @@ class LabPhoneTable:
         self.buid = ""
         self._phones: dict[str, LabPhone] = {}
         self._apps: dict[str, EmulatedApp] = {}
-        self._mtime = -1.0
+        self._mtime = -1
         self._lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> None:
         try:
-            mtime = self.state_file.stat().st_mtime
+            mtime = self.state_file.stat().st_mtime_ns
         except FileNotFoundError:
             return
         with self._lock:
@@ -169,6 +169,10 @@ class LabPhoneTable:
             self._phones = {s.udid: LabPhone(s, self.ios_dir / "phones" / s.udid)
                             for s in specs}
             self._sync_apps()
+            # tell the lab tools which state is live, so a fault is in force when they return
+            tmp = self.ios_dir / ".applied.tmp"
+            tmp.write_text(str(mtime))
+            os.replace(tmp, self.ios_dir / "applied")
 
     def _sync_apps(self) -> None:
         for udid in list(self._apps):

@@ -32,6 +32,7 @@ import ssl
 import struct
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ from tidevice.exceptions import MuxError, MuxReplyError, MuxServiceError, Socket
 from tidevice.session import Session
 
 from fleet import errors
-from fleet.mailbox import Mailbox
+from fleet.mailbox import Mailbox, decode_response, encode_request
 from fleet.transports.base import (
     CommandResult,
     ProgressCallback,
@@ -297,8 +298,46 @@ class IosTransport(Transport):
     # -- the contract ------------------------------------------------------------------------
     def run(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None
             ) -> CommandResult:
-        deadline = min(timeout, self.options.mailbox_timeout)
-        return Mailbox(io=self, base=MAILBOX_BASE).run(argv, timeout=deadline, stdin=stdin)
+        """Two deadlines: the app must *take* the request within
+        ``options.mailbox_timeout`` (else it is withdrawn and reported pending: the app is
+        not running, iOS suspends apps in the background), and answer within ``timeout``
+        (a benchmark may run for minutes once taken)."""
+        box = Mailbox(io=self, base=MAILBOX_BASE)
+        started = time.monotonic()
+        pickup_by = started + min(timeout, self.options.mailbox_timeout)
+        answer_by = started + timeout
+        rid = uuid.uuid4().hex
+        request, temp = f"{box.inbox}/{rid}.json", f"{box.inbox}/.{rid}.json.tmp"
+        answer = f"{box.outbox}/{rid}.json"
+        self.write_bytes(temp, encode_request(rid, argv, stdin=stdin, timeout=timeout))
+        self.rename(temp, request)
+        taken, delay = False, box.poll_s
+        while True:
+            data = self.read_bytes(answer)
+            if data is not None:
+                code, out, err = decode_response(data, rid)
+                self.remove(answer)
+                return CommandResult(tuple(argv), code, out, err, time.monotonic() - started)
+            now = time.monotonic()
+            if not taken:
+                taken = self.stat(request) is None
+            if not taken and now >= pickup_by:
+                self.remove(request)  # withdrawn: the app must not run it later
+                if self.read_bytes(answer) is None:
+                    raise errors.MailboxPendingError(
+                        f"iPhone {self.udid}: app {self.bundle} did not take request {rid} "
+                        f"within {pickup_by - started:.1f}s (is it running in the "
+                        "foreground?); withdrawn", uri=self.uri, request_id=rid,
+                        inbox=box.inbox, picked_up=False, timeout_s=pickup_by - started)
+                continue
+            if now >= answer_by:
+                raise errors.MailboxPendingError(
+                    f"iPhone {self.udid}: app {self.bundle} took request {rid} but gave no "
+                    f"answer within {timeout:.0f}s; it may still be running",
+                    uri=self.uri, request_id=rid, inbox=box.inbox, picked_up=True,
+                    timeout_s=timeout)
+            time.sleep(min(delay, max(0.0, (answer_by if taken else pickup_by) - now)))
+            delay = min(delay * 2, box.max_poll_s)
 
     def stat(self, remote: str) -> RemoteStat | None:
         with self._ops(f"stat {remote}"):
