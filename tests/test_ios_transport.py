@@ -227,3 +227,28 @@ def test_uri_options(ios_lab: IosLab) -> None:
         assert t.stat("Library") is not None  # the whole container is vended
     with pytest.raises(errors.MalformedUriError):
         IosTransport(phone.uri + "&vend=everything")
+
+
+def test_tls_key_file_is_private_and_removed_on_close(ios_lab: IosLab) -> None:
+    phone = ios_lab.phones(1)[0]
+    t = ios_lab.transport(phone)
+    assert t.stat("Documents") is not None
+    assert t._device is not None
+    pem = t._device._pem_dir / "host.pem"
+    assert pem.stat().st_mode & 0o777 == 0o600
+    t.close()
+    assert not pem.exists()
+    record = ios.ios_dir(ios_lab.home) / "pair_records" / f"{phone.extra['udid']}.plist"
+    assert record.stat().st_mode & 0o777 == 0o600
+
+
+def test_usbmuxd_restart_is_a_retryable_loss_then_recovers(ios_lab: IosLab) -> None:
+    phone = ios_lab.phones(1)[0]
+    with ios_lab.transport(phone) as t:
+        assert t.stat("Documents") is not None
+        ios.down(ios_lab.home)
+        ios.up(ios_lab.home, 1)
+        with pytest.raises(errors.ConnectionLostError) as info:
+            t.stat("Documents")
+        assert info.value.retryable
+        assert t.stat("Documents") is not None  # the next call opens a fresh connection
