@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 
 __all__ = [
     "LOCKDOWN_PORT",
+    "DeviceFacts",
     "HostIdentity",
     "LockdownServer",
     "make_device_key",
