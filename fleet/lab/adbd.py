@@ -381,17 +381,18 @@ class Phone:
             conn.drop()
 
     def set_auth(self, mode: str) -> None:
-        """``unauthorized`` also revokes every authorization (Developer options: "Revoke USB
-        debugging authorizations") and drops connections, so the server must ask again."""
+        """Change the authorization policy and drop connections, so the server meets it on
+        its next handshake. ``unauthorized`` also revokes every authorization (Developer
+        options: "Revoke USB debugging authorizations")."""
         if mode not in AUTH_MODES:
             raise ValueError(f"auth mode must be one of {AUTH_MODES}")
         self.config.auth = mode
         if mode == "unauthorized":
             self.adb_keys.unlink(missing_ok=True)
-            with self._lock:
-                conns = list(self._conns)
-            for conn in conns:
-                conn.drop()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.drop()
 
     def drop_after(self, nbytes: int | None) -> None:
         """Go offline once ``nbytes`` more bytes of file data have been pushed."""

@@ -39,9 +39,9 @@ from fleet.home import FleetHome
 from fleet.lab.android_sandbox import write_layout
 from fleet.lab.base import LabDevice, lab_tag, load_state, save_state, shared_agent_cmd
 
-__all__ = ["AGENT_ROOT", "APP_PACKAGE", "DEFAULT_ADB_PORT", "GROUP", "adb",
-           "control", "down", "drop_after", "reconnect", "server_port", "set_auth", "set_online",
-           "status", "up"]
+__all__ = ["AGENT_ROOT", "APP_PACKAGE", "DEFAULT_ADB_PORT", "GROUP", "adb", "adb_env",
+           "control", "down", "drop_after", "heal", "reconnect", "server_port", "set_auth",
+           "set_online", "status", "up"]
 
 KIND = "android"
 GROUP = "lab-android"
@@ -68,7 +68,8 @@ def server_port(home: FleetHome) -> int:
                or DEFAULT_ADB_PORT)
 
 
-def _adb_env(home: FleetHome) -> dict[str, str]:
+def adb_env(home: FleetHome) -> dict[str, str]:
+    """The environment for the lab's adb: its own key (``HOME``) and log folder."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("ANDROID_SDK_HOME", "ANDROID_USER_HOME", "ADB_VENDOR_KEYS",
                         "ANDROID_SERIAL", "ANDROID_ADB_SERVER_PORT")}
@@ -88,7 +89,7 @@ def adb(home: FleetHome, *args: str, timeout: float = 20.0, check: bool = True
     argv = [exe, "-P", str(server_port(home)), *args]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              env=_adb_env(home), stdin=subprocess.DEVNULL)
+                              env=adb_env(home), stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise errors.LabError(f"{' '.join(argv)} timed out after {timeout}s",
                               argv=argv) from exc
@@ -165,6 +166,8 @@ def _stop_daemon(home: FleetHome) -> None:
         return
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it when this process started it
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -226,6 +229,7 @@ def reconnect(home: FleetHome, name: str, *, wait: bool = True) -> None:
     """``adb connect`` one phone again (after :func:`set_online` brought it back)."""
     data = load_state(home, KIND)["phones"][name]
     serial = f"127.0.0.1:{data['port']}"
+    adb(home, "disconnect", serial, check=False)
     adb(home, "connect", serial, check=False)
     if wait:
         _wait_device(home, serial)
@@ -251,6 +255,8 @@ def up(home: FleetHome, count: int, *, start_index: int = 0, adb_port: int | Non
         write_layout(Path(data["sandbox"]), data["props"], (APP_PACKAGE,))
         wanted.append(name)
     save_state(home, KIND, state)
+    # fleet.connect.transport_options reads this: the lab's server for every adb device
+    (_dir(home) / "adb_port").write_text(f"{state['adb_port']}\n")
     if _daemon_alive(home):
         for name in wanted:
             control(home, "add", name=name, config=phones[name])
@@ -276,6 +282,7 @@ def down(home: FleetHome) -> list[str]:
         if _dir(home) in sandbox.parents:
             shutil.rmtree(sandbox, ignore_errors=True)
     save_state(home, KIND, {})
+    (_dir(home) / "adb_port").unlink(missing_ok=True)
     return names
 
 
@@ -309,6 +316,14 @@ def set_online(home: FleetHome, name: str, online: bool) -> None:
 def drop_after(home: FleetHome, name: str, nbytes: int | None) -> None:
     """The phone goes offline once ``nbytes`` more bytes were pushed to it."""
     control(home, "drop_after", name=name, bytes=nbytes)
+
+
+def heal(home: FleetHome, name: str) -> None:
+    """Undo every fault on one phone (online, no pending drop, ``allow``) and reconnect."""
+    control(home, "drop_after", name=name, bytes=None)
+    control(home, "auth", name=name, mode="allow")
+    control(home, "online", name=name)
+    reconnect(home, name)
 
 
 def set_auth(home: FleetHome, name: str, mode: str) -> None:

@@ -3,9 +3,11 @@
 Runs inside a phone's namespace (``/system/bin/am`` and ``/system/bin/pm`` exec this
 module). An app is "installed" when ``/data/data/<package>`` exists. Its mailbox is
 ``/sdcard/Android/data/<package>/files/fleet/{inbox,outbox}`` (the documents are
-:mod:`fleet.mailbox`'s). ``am broadcast -a <package>.FLEET_WAKE`` returns at once, as on
-Android, and the app works through its inbox in the background: one request at a time
-(``flock`` on ``/data/data/<package>/mailbox.lock``), each answered by the agent
+:mod:`fleet.mailbox`'s). ``am force-stop <package>`` stops the app: as on Android, a stopped
+app receives no broadcasts (its mailbox goes unanswered) until ``am start -n <package>/...``.
+``am broadcast -a <package>.FLEET_WAKE`` returns at once, as on Android, and the app works
+through its inbox in the background: one request at a time (``flock`` on
+``/data/data/<package>/mailbox.lock``), each answered by the agent
 (:func:`fleet.lab.ios_app.handle_request`, shared with the emulated iOS app).
 
 Output mimics the real tools closely enough for scripts: ``Broadcasting: Intent {...}`` /
@@ -76,12 +78,32 @@ def serve_inbox(package: str, *, linger_s: float = 0.3) -> int:
     return answered
 
 
+def _stopped_flag(package: str) -> Path:
+    return Path("/data/data") / package / "stopped"
+
+
 def _am(args: list[str]) -> int:
+    if args[:1] == ["force-stop"] and len(args) > 1:
+        # Android delivers no broadcasts to a stopped app until it is launched again
+        if args[1] in installed_packages():
+            _stopped_flag(args[1]).touch()
+        return 0
+    if args[:1] == ["start"]:
+        component = next((a for a in args if "/" in a), "")
+        started = component.split("/", 1)[0]
+        if started not in installed_packages():
+            print(f"Error: Activity not started, unable to resolve {component}",
+                  file=sys.stderr)
+            return 1
+        _stopped_flag(started).unlink(missing_ok=True)
+        print(f"Starting: Intent {{ cmp={component} }}")
+        return 0
     if not args or args[0] != "broadcast":
         print(f"Error: am {' '.join(args[:1]) or '(nothing)'}: not emulated in the lab",
               file=sys.stderr)
         return 1
-    action = package = None
+    action: str | None = None
+    package: str | None = None
     it = iter(args[1:])
     for word in it:
         if word == "-a":
@@ -92,7 +114,7 @@ def _am(args: list[str]) -> int:
           f"{f' pkg={package}' if package else ''} }}")
     if action and action.endswith(WAKE_SUFFIX):
         target = package or action[: -len(WAKE_SUFFIX)]
-        if target in installed_packages():
+        if target in installed_packages() and not _stopped_flag(target).exists():
             log = open(Path("/data/data") / target / "app.log", "ab")  # noqa: SIM115
             with log:
                 subprocess.Popen([sys.executable, "-m", "fleet.lab.android_app", "serve",

@@ -170,20 +170,32 @@ class AdbTransport(Transport):
                 return str(info.state)
         return "absent"
 
+    def _reconnect(self, client: adbutils.AdbClient, state: str) -> str:
+        """What an operator does for a Wi-Fi phone: ``adb connect`` (after ``adb disconnect``
+        when the server holds a dead, offline transport), then wait up to the connect
+        timeout for the phone to come back as ``device``."""
+        deadline = time.monotonic() + self.options.connect_timeout
+        with contextlib.suppress(AdbError):
+            if state == "offline":
+                client.disconnect(self.serial)
+            client.connect(self.serial, timeout=self.options.connect_timeout)
+        state = self._state(client)
+        while state in ("absent", "offline") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            state = self._state(client)
+            if state == "absent":
+                with contextlib.suppress(AdbError):
+                    client.connect(self.serial, timeout=max(0.5, deadline - time.monotonic()))
+        return state
+
     def _device(self) -> adbutils.AdbDevice:
         """The phone, once the server reports it as ``device``. Network serials
         (``host:port``) are re-``connect``ed and waited for briefly, as ``adb wait-for``."""
         client = self._client()
         with self._errors("adb devices"):
             state = self._state(client)
-            if state != "device" and ":" in self.serial:
-                if state == "absent":
-                    with contextlib.suppress(AdbError):
-                        client.connect(self.serial, timeout=self.options.connect_timeout)
-                deadline = time.monotonic() + self.options.connect_timeout
-                while state != "device" and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    state = self._state(client)
+            if state in ("absent", "offline") and ":" in self.serial:
+                state = self._reconnect(client, state)
         where = {"uri": self.uri, "serial": self.serial, "state": state}
         if state == "unauthorized":
             raise errors.AuthError(
