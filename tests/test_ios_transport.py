@@ -246,8 +246,7 @@ def test_usbmuxd_restart_is_a_retryable_loss_then_recovers(ios_lab: IosLab) -> N
     phone = ios_lab.phones(1)[0]
     with ios_lab.transport(phone) as t:
         assert t.stat("Documents") is not None
-        ios.down(ios_lab.home)
-        ios.up(ios_lab.home, 1)
+        ios.restart_usbmuxd(ios_lab.home)
         with pytest.raises(errors.ConnectionLostError) as info:
             t.stat("Documents")
         assert info.value.retryable

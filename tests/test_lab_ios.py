@@ -135,7 +135,7 @@ def test_ideviceinfo_is_refused_with_a_foreign_pair_record(ios_lab: IosLab) -> N
     assert healed.stdout.strip() == phone.name
 
 
-def test_lab_up_adds_phones_keeps_udids_and_down_stops(home: FleetHome) -> None:
+def test_lab_up_adds_phones_and_down_removes_them(home: FleetHome) -> None:
     Registry.init(home).close()
     first = ios.up(home, 2)
     try:
@@ -145,21 +145,18 @@ def test_lab_up_adds_phones_keeps_udids_and_down_stops(home: FleetHome) -> None:
         assert [d.name for d in first + more] == ["iphone-0", "iphone-1", "iphone-2"]
         assert all(d.platform == "ios" and d.agent_root == "Documents/fleet/agent"
                    for d in first + more)
-        rows = ios.status(home)
-        assert len(rows) == 3 and all(r["running"] for r in rows)
+        ios.set_app(home, "iphone-1", "mute")
+        rows = {r["name"]: r for r in ios.status(home)}
+        assert len(rows) == 3 and all(r["state"] == "running" for r in rows.values())
+        assert rows["iphone-1"]["faults"] == {"app": "mute"}
         lab = IosLab(home)
         listed = idevice(lab, "idevice_id", "-l").stdout.split()
-        assert len(listed) == 3
+        assert sorted(listed) == sorted(d.extra["udid"] for d in first + more)
     finally:
         stopped = ios.down(home)
     assert sorted(stopped) == ["iphone-0", "iphone-1", "iphone-2"]
-    assert not ios.socket_path(home).exists()
-    assert all(not r["running"] for r in ios.status(home))
-    back = ios.up(home, 2)
-    try:
-        assert [d.uri for d in back] == [d.uri for d in first]
-    finally:
-        ios.down(home)
+    assert not ios.socket_path(home).exists() and not ios.ios_dir(home).exists()
+    assert ios.status(home) == [] and ios.down(home) == []
 
 
 def test_afc_file_operations_through_tidevice_sync(ios_lab: IosLab,

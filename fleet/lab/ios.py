@@ -6,7 +6,7 @@ the lab's phones, one device key and certificate per phone, a pair record per ph
 the app containers, and starts one daemon process (pidfile, log) that serves usbmuxd on
 a Unix socket and runs every phone's app. The daemon re-reads the state file, so ``up``
 can add phones and :func:`set_app` can inject faults while it runs. ``down`` stops the
-daemon and keeps the phones (same UDIDs, pairings and containers on the next ``up``).
+daemon and removes everything the lab made.
 
 Nothing here or in the daemon makes tidevice download anything: the phones offer only
 lockdownd, house_arrest and AFC (no DeveloperDiskImage, no WebDriverAgent).
@@ -20,6 +20,7 @@ import json
 import os
 import plistlib
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,7 @@ __all__ = [
     "heal",
     "ios_dir",
     "make_foreign_pair_record",
+    "restart_usbmuxd",
     "set_app",
     "socket_path",
     "status",
@@ -192,9 +194,7 @@ def up(home: FleetHome, count: int, *, start_index: int = 0,
     return [_lab_device(home, p) for p in wanted]
 
 
-def down(home: FleetHome) -> list[str]:
-    """Stop the daemon; returns the names of the phones that were served."""
-    state = load_state(home, KIND)
+def _stop_daemon(home: FleetHome) -> bool:
     pid = _daemon_pid(home)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
@@ -211,15 +211,40 @@ def down(home: FleetHome) -> list[str]:
     _pidfile(home).unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         socket_path(home).unlink()
-    return [p["name"] for p in state.get("phones", [])] if pid is not None else []
+    return pid is not None
+
+
+def restart_usbmuxd(home: FleetHome) -> None:
+    """Fault injection: usbmuxd restarts (every open connection to a phone drops)."""
+    _stop_daemon(home)
+    _start_daemon(home)
+    _wait_applied(home)
+
+
+def down(home: FleetHome) -> list[str]:
+    """Stop the daemon and remove every phone the lab made (keys, pair records,
+    containers); returns their names."""
+    state = load_state(home, KIND)
+    _stop_daemon(home)
+    shutil.rmtree(ios_dir(home), ignore_errors=True)
+    save_state(home, KIND, {})
+    return [p["name"] for p in state.get("phones", [])]
 
 
 def status(home: FleetHome) -> list[dict[str, Any]]:
     state = load_state(home, KIND)
     running = _daemon_pid(home) is not None
-    return [{"name": p["name"], "platform": "ios", "udid": p["udid"], "uri": _uri(home, p),
-             "bundle": p["bundle"], "app": p["app"], "running": running,
-             "socket": str(socket_path(home))} for p in state.get("phones", [])]
+    rows = []
+    for p in state.get("phones", []):
+        faults = {} if p["app"] == "ok" else {"app": p["app"]}
+        record = ios_dir(home) / "pair_records" / f"{p['udid']}.plist.orig"
+        if record.exists():
+            faults["pair_record"] = "foreign"
+        rows.append({"name": p["name"], "platform": "ios", "udid": p["udid"],
+                     "uri": _uri(home, p), "bundle": p["bundle"], "app": p["app"],
+                     "running": running, "state": "running" if running else "stopped",
+                     "faults": faults, "socket": str(socket_path(home))})
+    return rows
 
 
 def _wait_applied(home: FleetHome, timeout: float = 10.0) -> None:
