@@ -20,16 +20,12 @@ def transport_options(home: FleetHome, *, accept_host_key: str | None = None
     import os
     opts = TransportOptions(home=home.path, known_hosts=home.known_hosts, ssh_key=home.ssh_key,
                             accept_host_key=accept_host_key)
-    lab_adb = home.lab_dir / "android" / "adb_port"
+    # Lab devices carry their adb server port / usbmuxd socket in the URI; real devices use
+    # the system defaults unless these variables say otherwise.
     if os.environ.get("FLEET_ADB_PORT"):
         opts.adb_port = int(os.environ["FLEET_ADB_PORT"])
-    elif lab_adb.exists():
-        opts.adb_port = int(lab_adb.read_text().strip())
-    lab_mux = home.lab_dir / "ios" / "usbmuxd.sock"
     if os.environ.get("FLEET_USBMUX_SOCKET"):
         opts.usbmux_socket = os.environ["FLEET_USBMUX_SOCKET"]
-    elif lab_mux.exists():
-        opts.usbmux_socket = str(lab_mux)
     return opts
 
 
