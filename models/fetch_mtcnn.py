@@ -13,6 +13,7 @@ Run: ``python models/fetch_mtcnn.py`` -> prints the paths (cached, idempotent).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,10 @@ def _export(torch: Any, name: str, weights: Path, onnx_path: Path) -> None:
     net.eval()
     (h, w), outputs = NETS[name]
     dummy = torch.zeros(1, 3, h, w)
-    torch.onnx.export(net, (dummy,), str(onnx_path), input_names=["input"],
-                      output_names=list(outputs), opset_version=13, dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, still exact
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (dummy,), str(onnx_path), input_names=["input"],
+                          output_names=list(outputs), opset_version=13, dynamo=False)
 
 
 def fetch() -> dict[str, Path]:

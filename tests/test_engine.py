@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fleet.errors import InvalidModelError, UsageError
 from fleet_agent.backends import build_backend_details, build_cpu_kernels, detect_build_backends
 from fleet_agent.engine import LoadedModel, RuntimeConfig, parse_fallbacks
 from fleet_agent.fdcapture import capture_fds
+
+from fleet.errors import InvalidModelError, UsageError
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny" / "tiny.mnn"
 
