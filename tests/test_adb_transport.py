@@ -146,6 +146,9 @@ def test_app_agent_answers_through_the_mailbox(android_lab: AndroidLab) -> None:
     assert doc["ok"] and doc["root"] == t.agent_root()
     box = android_lab.sandbox(dev) / f"sdcard/Android/data/{android.APP_PACKAGE}/files/fleet"
     assert list((box / "inbox").iterdir()) == [] and list((box / "outbox").iterdir()) == []
+    # an agent path from the registry still means the app's agent, not a shell command
+    via_path = t.run([*dev.agent_cmd, "--root", t.agent_root(), "status"], timeout=60)
+    assert json.loads(via_path.stdout)["root"] == t.agent_root()
     # commands that are not the agent still run through adb shell in app mode
     assert t.run(["getprop", "ro.fleet.lab"], timeout=30).stdout == b"1\n"
 
@@ -229,3 +232,13 @@ def test_unknown_phone_is_offline(android_lab: AndroidLab) -> None:
                        TransportOptions(adb_port=android_lab.adb_port, connect_timeout=1.0))
     with pytest.raises(errors.DeviceOfflineError, match="not connected"):
         usb.run(["true"], timeout=5)
+
+
+def test_fleet_probe_runs_on_the_phone_without_python(android_lab: AndroidLab) -> None:
+    t = android_lab.transport(android_lab.phones(1)[0])
+    doc = t.run_probe()
+    assert doc["schema"] == "fleet.probe/1"
+    # it ran inside the phone: it read the phone's property table, not the host's
+    assert doc["os"]["name"] == "android"
+    assert doc["os"]["android"]["model"] == "Lab Phone 0"
+    assert t.stat("/data/local/tmp/fleet-probe") is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
 from pathlib import Path
 
 from fleet.lab import android
@@ -130,3 +131,18 @@ def test_large_push_checksum_matches_on_both_sides(android_lab: AndroidLab,
     assert android_lab.adb("-s", serial, "push", str(src), "/sdcard/big.bin").returncode == 0
     out = android_lab.adb("-s", serial, "shell", "sha256sum", "/sdcard/big.bin").stdout
     assert out.split()[0].decode() == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_adb_exec_out_and_shell_stdin(android_lab: AndroidLab, tmp_path: Path) -> None:
+    serial = android_lab.phones(1)[0].extra["serial"]
+    blob = os.urandom(150_000)
+    src = tmp_path / "blob"
+    src.write_bytes(blob)
+    assert android_lab.adb("-s", serial, "push", str(src), "/sdcard/blob").returncode == 0
+    raw = android_lab.adb("-s", serial, "exec-out", "cat", "/sdcard/blob")  # exec: service
+    assert raw.returncode == 0 and raw.stdout == blob
+    with open(src, "rb") as stdin:  # shell v2 stdin packets, then close-stdin at EOF
+        piped = subprocess.run(["adb", "-P", str(android_lab.adb_port), "-s", serial,
+                                "shell", "sha256sum"], stdin=stdin, capture_output=True,
+                               timeout=60, env=android.adb_env(android_lab.home), check=False)
+    assert piped.stdout.split()[0].decode() == hashlib.sha256(blob).hexdigest()

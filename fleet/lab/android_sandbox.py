@@ -12,10 +12,11 @@ Layout of one phone's sandbox (``<lab>/android/phones/<name>/``), as the phone s
 Why a mount namespace (``bwrap``, Debian's bubblewrap, run as root): shell commands must
 really run and see ``/data/local/tmp`` and ``/sdcard`` as the phone's own folders, while the
 host's ``/`` gets no new directories. The namespace's root is built from read-only binds of
-``/usr`` (with the merged-usr symlinks ``/bin``, ``/lib``...), ``/etc``, the repository and the
-Python installation that runs the agent, plus read-write binds of the phone's ``data`` and
-``sdcard``. The sync service (push/pull) runs in the lab daemon itself and maps device paths
-into the same folders with :class:`PhoneFs`, refusing anything that escapes the sandbox.
+``/usr`` (with the merged-usr symlinks ``/bin``, ``/lib``...), ``/etc``, ``/sys``, the
+repository and the Python installation that runs the agent, plus read-write binds of the
+phone's ``data`` and ``sdcard``. The sync service (push/pull) runs in the lab daemon itself
+and maps device paths into the same folders with :class:`PhoneFs`, refusing anything that
+escapes the sandbox.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def shell_argv(root: Path, command: str | None) -> list[str]:
     root = root.resolve()
     argv = [bwrap, *_ro_binds(),
             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            # read-only sysfs, as on a phone: CPU clusters, GPU/OpenCL drivers read it
+            "--ro-bind", "/sys", "/sys",
             "--bind", str(root / "data"), "/data",
             "--bind", str(root / "sdcard"), "/sdcard",
             "--dir", "/storage/emulated", "--symlink", "/sdcard", "/storage/emulated/0",

@@ -11,8 +11,8 @@ URI, or ``$ANDROID_ADB_SERVER_PORT``) through adbutils; it never starts a server
   lives in Termux's private folder, which ``adb shell`` cannot enter on a phone without root.
 - ``app``: an app that embeds the agent answers the mailbox (:mod:`fleet.mailbox`) in
   ``/sdcard/Android/data/<package>/files/fleet/{inbox,outbox}``, woken with
-  ``am broadcast -a <package>.FLEET_WAKE``. Agent calls (argv[0] ``fleet-agent``) go
-  there; every other command still runs through ``adb shell``.
+  ``am broadcast -a <package>.FLEET_WAKE``. Agent calls (argv[0] named ``fleet-agent``)
+  go there; every other command still runs through ``adb shell``.
 
 Pushes use sync ``SEND`` and are verified on the phone afterwards (size by ``STA2``,
 content by ``sha256sum``). Commands use shell v2 when the phone offers it (exit status,
@@ -230,8 +230,10 @@ class AdbTransport(Transport):
     # -- commands -------------------------------------------------------------------------
     def run(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None
             ) -> CommandResult:
-        if self.mode == "app" and argv and argv[0] == AGENT_ARGV0:
-            return self._mailbox().run(argv, timeout=timeout, stdin=stdin)
+        if self.mode == "app" and argv and argv[0].rsplit("/", 1)[-1] == AGENT_ARGV0:
+            # the app runs its embedded agent, whatever path the registry gave for it
+            return self._mailbox().run([AGENT_ARGV0, *argv[1:]], timeout=timeout,
+                                       stdin=stdin)
         return self._shell(argv, timeout=timeout, stdin=stdin)
 
     def _shell(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None
