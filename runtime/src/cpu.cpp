@@ -146,8 +146,8 @@ Json probe_cpu() {
   CpuIdentity id = cpu_identity();
   Json cpu = Json::object();
   cpu.set("arch", arch_name());
-  cpu.set("vendor", id.vendor);
-  cpu.set("model", id.model);
+  cpu.set("vendor", id.vendor.empty() ? Json() : Json(id.vendor));
+  cpu.set("model", id.model.empty() ? Json() : Json(id.model));
   long conf = sysconf(_SC_NPROCESSORS_CONF);
   long onln = sysconf(_SC_NPROCESSORS_ONLN);
   cpu.set("logical_cores", static_cast<int>(conf > 0 ? conf : 1));
