@@ -414,4 +414,5 @@ class Phone:
             conns = len(self._conns)
         return {"name": self.name, "port": self.config.port, "online": self.online,
                 "connections": conns, "auth": self.config.auth,
+                "drop_after": self._drop_budget,
                 "bytes_received": self.bytes_received}

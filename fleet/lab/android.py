@@ -7,7 +7,8 @@ What ``up`` makes, under ``home.lab_dir / "android"``::
     adb-home/.android/adbkey{,.pub}        the lab adb server's own RSA key pair
 
 and the lab's own adb server on port 15037 (never the user's 5037; ``FLEET_LAB_ADB_PORT``
-or ``adb_port=`` picks another), started with ``HOME=adb-home`` and connected to each phone
+or ``adb_port=`` picks another; a free port when another home's lab holds 15037), started
+with ``HOME=adb-home`` and connected to each phone
 with ``adb connect 127.0.0.1:PORT``. The first connection goes through the real
 authorization dance: the server offers its public key and the phone "taps Allow" (the key
 lands in the phone's ``/data/misc/adb/adb_keys``); later connections authenticate by
@@ -59,6 +60,19 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _pick_server_port() -> int:
+    """``$FLEET_LAB_ADB_PORT``, else 15037 when nothing listens there, else a free port:
+    another home's lab server on 15037 is never shared (its ``down`` would kill it)."""
+    if os.environ.get("FLEET_LAB_ADB_PORT"):
+        return int(os.environ["FLEET_LAB_ADB_PORT"])
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", DEFAULT_ADB_PORT))
+            return DEFAULT_ADB_PORT
+        except OSError:
+            return _free_port()
 
 
 def server_port(home: FleetHome) -> int:
@@ -245,8 +259,8 @@ def up(home: FleetHome, count: int, *, start_index: int = 0, adb_port: int | Non
                                   f"bubblewrap packages (see APT_PACKAGES in the Makefile)")
     _dir(home).mkdir(parents=True, exist_ok=True, mode=0o700)
     state = load_state(home, KIND)
-    state.setdefault("adb_port", adb_port or int(os.environ.get("FLEET_LAB_ADB_PORT")
-                                                  or DEFAULT_ADB_PORT))
+    if "adb_port" not in state:
+        state["adb_port"] = adb_port or _pick_server_port()
     phones: dict[str, Any] = state.setdefault("phones", {})
     wanted = []
     for index in range(start_index, start_index + count):
@@ -300,10 +314,20 @@ def status(home: FleetHome) -> list[dict[str, Any]]:
     for name, data in sorted(phones.items()):
         serial = f"127.0.0.1:{data['port']}"
         info = live.get(name, {})
+        faults: dict[str, Any] = {}
+        if info and not info.get("online"):
+            faults["network"] = "down"
+        if info.get("auth") not in (None, "allow"):
+            faults["auth"] = info["auth"]
+        if info.get("drop_after") is not None:
+            faults["drop_after"] = info["drop_after"]
         out.append({"name": name, "platform": "android", "serial": serial,
-                    "uri": _lab_device(home, name, data).uri, "model": data["model"],
-                    "running": bool(info.get("online")), "auth": info.get("auth"),
-                    "adb_state": states.get(serial, "absent"), "sandbox": data["sandbox"]})
+                    "address": serial, "uri": _lab_device(home, name, data).uri,
+                    "model": data["model"], "running": bool(info.get("online")),
+                    "link": "up" if info.get("online") else "down",
+                    "auth": info.get("auth"), "adb_state": states.get(serial, "absent"),
+                    "state": f"adb:{states.get(serial, 'absent')}", "faults": faults,
+                    "sandbox": data["sandbox"]})
     return out
 
 
