@@ -7,7 +7,9 @@ Layout (all names carry the home's tag, see :func:`fleet.lab.base.lab_tag`):
   only by the lab): ``.1`` is the controller side, ``.2`` the board, sshd on port 22 of
   the board address only.
 - runtime files in ``/run/fleetlab/<tag>/iotN/`` (0700): the board's own ed25519 host key,
-  ``authorized_keys`` with the fleet's key, ``sshd_config``, pid file and log.
+  ``authorized_keys`` with the fleet's key, ``sshd_config``, pid file and log. sshd runs
+  in the board's network namespace and a mount namespace of its own that only masks
+  root's shell startup files (see :func:`start_sshd`); ``~`` is this machine's ``/root``.
 - the agent's store: a size-limited tmpfs at ``/run/fleetlab/<tag>/iotN/agent`` (the
   board's agent root), so a full disk happens for real.
 - the agent: boards share the controller's filesystem (only the network is namespaced),
@@ -57,6 +59,7 @@ SUBNET = ipaddress.IPv4Network("10.213.0.0/16")
 RUN_ROOT = Path("/run/fleetlab")
 SSHD = "/usr/sbin/sshd"
 DEFAULT_STORE_MB = 192
+_STARTUP_FILES = (".bashrc", ".bash_profile", ".bash_login", ".profile")
 _MAX_SLOTS = 1024  # bounded allocation search: 1024 boards is far beyond any lab here
 
 
@@ -137,8 +140,19 @@ def start_sshd(b: dict[str, Any]) -> None:
     """Start (or restart) the board's sshd in its namespace and wait until it listens."""
     rt = Path(b["runtime_dir"])
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # OpenSSH's privilege separation dir
-    netns.sh([*netns.nsenter_argv(b["netns"]), SSHD, "-f", str(rt / "sshd_config"),
-              "-E", str(rt / "sshd.log")])
+    empty = rt / "empty"
+    empty.write_bytes(b"")
+    # The board gets its own mount namespace whose only change hides the login user's shell
+    # startup files (bash runs ~/.bashrc for every ssh command; a developer's pyenv/conda
+    # init there costs ~0.3 s per command and is no part of a board). Everything else,
+    # including later mounts of the root namespace (the agent tmpfs, via slave
+    # propagation), is this machine's filesystem.
+    user_home = Path(os.path.expanduser("~root"))
+    masks = " && ".join(f'mount --bind "$1" "{user_home / n}"' for n in _STARTUP_FILES
+                        if (user_home / n).is_file())
+    netns.sh([*netns.nsenter_argv(b["netns"]), "unshare", "--mount", "--propagation", "slave",
+              "--", "sh", "-c", f'{masks + " && " if masks else ""}exec "$2" -f "$3" -E "$4"',
+              "sh", str(empty), SSHD, str(rt / "sshd_config"), str(rt / "sshd.log")])
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
         try:
@@ -214,7 +228,7 @@ def up(home: FleetHome, count: int, *, start_index: int = 0,
     pin their host keys, register them in group ``lab-iot``."""
     if count < 0 or count > 256:
         raise errors.UsageError(f"--iot takes 0..256 boards, not {count}")
-    netns.require_root_and_tools("ip", "tc", "nft", "nsenter", SSHD)
+    netns.require_root_and_tools("ip", "tc", "nft", "nsenter", "unshare", SSHD)
     home.ensure()
     fleet_pub = ensure_ssh_key(home.ssh_key).with_name(home.ssh_key.name + ".pub").read_text()
     known = KnownHosts(home.known_hosts)

@@ -1,0 +1,57 @@
+"""``fleet device bootstrap DEVICE``: install the agent on a board from a pushed wheelhouse."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fleet.bootstrap import bootstrap, build_wheelhouse
+from fleet.cli._ctx import state
+from fleet.cli._output import emit, err
+from fleet.cli.cmd_device import device_app
+from fleet.connect import open_device
+from fleet.registry import Registry
+
+
+@device_app.command("bootstrap")
+def bootstrap_cmd(
+    name: str,
+    venv: Annotated[str, typer.Option(help="Virtualenv path on the device.")
+                    ] = "~/.fleet-agent-venv",
+    python: Annotated[str, typer.Option(help="The device's Python.")] = "python3",
+    wheelhouse: Annotated[Path | None, typer.Option(
+        help="Wheel cache on the controller (default: <home>/wheelhouse).")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the cached wheels.")] = False,
+    keep_wheels: Annotated[bool, typer.Option(help="Leave the wheels on the device.")] = False,
+    set_agent: Annotated[bool, typer.Option(
+        "--set-agent/--no-set-agent", help="Point the registry's agent command at the "
+                                           "installed agent.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build (once) and push a wheelhouse, make a venv on the device, install, check."""
+    home = state().home
+    reg = Registry.open(home)
+    dev = reg.get_device(name)
+    house = build_wheelhouse(wheelhouse or home.path / "wheelhouse", rebuild=rebuild,
+                             log=lambda m: err.print(m, highlight=False, markup=False))
+    if house.build_s:
+        err.print(f"wheelhouse built in {house.build_s:.1f}s ({len(house.wheels)} wheels)")
+    transport, _ = open_device(home, dev)
+    with transport:
+        result = bootstrap(transport, name, house, venv=venv,
+                           agent_root=dev.agent_root or transport.agent_root(),
+                           python=python, keep_wheels=keep_wheels,
+                           log=lambda m: err.print(m, highlight=False, markup=False))
+    if set_agent:
+        reg.update_device(name, agent_cmd=result.agent_cmd,
+                          agent_version=result.agent_status.get("agent_version"))
+    data = asdict(result)
+    data["wheelhouse_build_s"] = round(house.build_s, 1)
+    emit(data, as_json=as_json,
+         render=lambda c: c.print(
+             f"{name}: agent {result.agent_status.get('agent_version')} installed in "
+             f"{result.venv} ({result.wheels_sent}/{result.wheels} wheels sent, "
+             f"{result.timings['total_s']:.1f}s)"))
