@@ -30,6 +30,11 @@ VERBS: dict[str, str] = {
     "rollback": "fleet_agent.verbs_install:rollback",
     "bench": "fleet_agent.verbs_install:bench",
     "audit": "fleet_agent.verbs_install:audit",
+    "serve": "fleet_agent.serve:serve",
+    "lora add": "fleet_agent.lora:lora_add",
+    "lora swap": "fleet_agent.lora:lora_swap",
+    "lora remove": "fleet_agent.lora:lora_remove",
+    "lora list": "fleet_agent.lora:lora_list",
 }
 
 

@@ -1,0 +1,311 @@
+"""Device-side LoRA logic: reference checks, base binding, memory-only model folders, the
+serve state file, and the ``lora add|swap|remove|list`` agent verbs.
+
+Why each piece exists (FIELD-NOTES, "LoRA on MNN-LLM"):
+
+- A split LoRA (``lora.mnn``) reads the base's ``llm.mnn.weight`` by byte offset. MNN checks
+  nothing: a LoRA made for another base export loads and produces garbage (or crashes), so
+  the pack's binding (base digests, quantization) is compared with the loaded base first.
+- A known exporter bug silently drops part of an adapter, so every adapter must reproduce
+  the reference outputs it carries (prompt ids -> expected greedy ids) before it serves.
+- A failed ``create_lora`` returns an object that segfaults on first use; the only signal
+  is a log line on the native stdout, so creation runs under an fd capture.
+- MNN-LLM opens its files by path, relative to the folder of ``config.json`` (absolute
+  names are prefixed with that folder too). :class:`LinkDir` is a private folder of
+  symbolic links to ``/proc/self/fd/N`` (the decrypted memfds): MNN reads the plaintext
+  from memory, and the folder holds links, never model bytes.
+
+The agent verbs are thin: ``lora add`` stages a pack in the store (signature, recipient,
+version and base binding checked there); ``swap``/``remove``/``list`` talk to the local
+serve daemon over its socket (:mod:`fleet_agent.serve_protocol`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet import errors
+from fleet_agent.context import AgentContext
+
+__all__ = [
+    "REFERENCE_FILE",
+    "REFERENCE_SCHEMA",
+    "LinkDir",
+    "Reference",
+    "check_binding",
+    "check_reference",
+    "dir_base_facts",
+    "lora_add",
+    "lora_list",
+    "lora_remove",
+    "lora_swap",
+    "read_json",
+    "serve_socket",
+    "serve_state_file",
+    "write_json_atomic",
+]
+
+REFERENCE_SCHEMA = "fleet.lora-reference/1"
+#: Payload names inside a LoRA pack.
+LORA_FILE = "lora.mnn"
+REFERENCE_FILE = "reference.json"
+_MAX_PROMPTS = 64
+_MAX_TOKENS = 4096
+
+
+# -- reference outputs ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """Prompt token ids and the greedy tokens the adapter must produce for each."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    expected: tuple[tuple[int, ...], ...]
+    max_new_tokens: int
+    export: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Reference:
+        if not isinstance(doc, dict):
+            raise errors.FormatError("reference must be a JSON object")
+        prompts, expected = doc.get("prompts"), doc.get("expected")
+        n = doc.get("max_new_tokens")
+
+        def ids(v: Any, what: str) -> tuple[int, ...]:
+            if not isinstance(v, list) or not v or len(v) > _MAX_TOKENS \
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                               for t in v):
+                raise errors.FormatError(f"reference {what} must be non-empty token id lists")
+            return tuple(v)
+
+        if not isinstance(prompts, list) or not isinstance(expected, list) \
+                or not prompts or len(prompts) != len(expected) or len(prompts) > _MAX_PROMPTS:
+            raise errors.FormatError("reference needs as many expected lists as prompts")
+        if not isinstance(n, int) or not 0 < n <= _MAX_TOKENS:
+            raise errors.FormatError("reference max_new_tokens must be a positive integer")
+        exp = tuple(ids(e, "expected") for e in expected)
+        if any(len(e) != n for e in exp):
+            raise errors.FormatError("each expected list must hold max_new_tokens ids")
+        raw_export = doc.get("export")
+        export: dict[str, Any] = dict(raw_export) if isinstance(raw_export, dict) else {}
+        return cls(tuple(ids(p, "prompts") for p in prompts), exp, n, export)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": REFERENCE_SCHEMA, "prompts": [list(p) for p in self.prompts],
+                "expected": [list(e) for e in self.expected],
+                "max_new_tokens": self.max_new_tokens, "export": self.export}
+
+
+def check_reference(generate: Callable[[list[int], int], list[int]], ref: Reference, *,
+                    adapter: str) -> dict[str, Any]:
+    """Run every reference prompt through ``generate``; ReferenceMismatchError at the first
+    prompt whose greedy tokens differ. ``generate`` must start from a clean context."""
+    for i, (prompt, want) in enumerate(zip(ref.prompts, ref.expected, strict=True)):
+        got = [int(t) for t in generate(list(prompt), ref.max_new_tokens)]
+        if got != list(want):
+            first = next((k for k, (a, b) in enumerate(zip(got, want, strict=False))
+                          if a != b), min(len(got), len(want)))
+            raise errors.ReferenceMismatchError(
+                f"adapter {adapter} does not reproduce its reference outputs (prompt {i}, "
+                f"token {first}); the adapter export is broken or not for this base",
+                adapter=adapter, prompt=i, first_mismatch=first, expected=list(want),
+                got=got)
+    return {"prompts": len(ref.prompts), "tokens": len(ref.prompts) * ref.max_new_tokens}
+
+
+# -- base binding ------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_base_facts(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The binding facts of a plain model folder (``--model-dir``): digests of the files
+    ``config.json`` names, and the weight quantization read from ``llm.mnn``."""
+    from fleet.artifacts.mnninfo import inspect_weights
+
+    model = model_dir / str(config.get("llm_model", "llm.mnn"))
+    weight = model_dir / str(config.get("llm_weight", "llm.mnn.weight"))
+    info = inspect_weights(model)
+    bits, blocks = info.get("bits") or [], info.get("blocks") or []
+    return {"name": model_dir.name, "version": None, "llm_mnn_sha256": _sha256(model),
+            "llm_weight_sha256": _sha256(weight) if weight.exists() else None,
+            "quant_bits": bits[0] if len(bits) == 1 else (bits or None),
+            "quant_block": blocks[0] if len(blocks) == 1 else (blocks or None)}
+
+
+def check_binding(binding: dict[str, Any] | None, facts: dict[str, Any], *, adapter: str
+                  ) -> None:
+    """Refuse an adapter bound to another base (digests or quantization differ). An adapter
+    with no binding at all is refused too: nothing else would catch a wrong base."""
+    if not binding:
+        raise errors.BaseMismatchError(
+            f"adapter {adapter} carries no base binding; refusing to guess",
+            reason="unbound", adapter=adapter)
+    mismatches: dict[str, Any] = {}
+    for key in ("llm_mnn_sha256", "llm_weight_sha256", "quant_bits", "quant_block"):
+        want, have = binding.get(key), facts.get(key)
+        if want is not None and have is not None and want != have:
+            mismatches[key] = [want, have]
+    if binding.get("llm_weight_sha256") is None and binding.get("llm_mnn_sha256") is None:
+        mismatches["digests"] = "binding names no base digest"
+    if mismatches:
+        raise errors.BaseMismatchError(
+            f"adapter {adapter} is bound to another base than the one serving "
+            f"({facts.get('name')} v{facts.get('version')})", reason="digest_mismatch",
+            adapter=adapter, mismatches=mismatches)
+
+
+# -- memory-only model folders ------------------------------------------------------------
+class LinkDir:
+    """A private (0700) folder whose entries are symbolic links, for MNN-LLM to open.
+
+    Links point at ``/proc/self/fd/N`` for decrypted payloads (so a reader outside this
+    process resolves its own fd table, not ours) or at plain files for ``--model-dir``."""
+
+    def __init__(self, parent: Path) -> None:
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = parent / f"serve-{os.getpid()}-{secrets.token_hex(4)}"
+        self.path.mkdir(mode=0o700)
+
+    def link(self, name: str, target: str) -> str:
+        """Add ``name`` -> ``target``; returns ``name`` (relative: MNN prefixes the folder)."""
+        if "/" in name or name in ("", ".", ".."):
+            raise errors.UsageError(f"bad link name {name!r}")
+        p = self.path / name
+        if p.is_symlink():
+            p.unlink()
+        os.symlink(target, p)
+        return name
+
+    def unlink(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# -- small files ----------------------------------------------------------------------------
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Temp file, fsync, rename, fsync the folder: a crash leaves the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise errors.StoreError(f"{path} is not valid JSON", path=str(path)) from exc
+    return doc if isinstance(doc, dict) else None
+
+
+def serve_socket(ctx: AgentContext) -> Path:
+    return ctx.root / "run" / "serve.sock"
+
+
+def serve_state_file(ctx: AgentContext) -> Path:
+    return ctx.root / "lora" / "serve-state.json"
+
+
+# -- agent verbs -----------------------------------------------------------------------------
+def _socket(ctx: AgentContext, args: dict[str, Any]) -> Path:
+    return Path(args["socket"]) if args.get("socket") else serve_socket(ctx)
+
+
+def _daemon(ctx: AgentContext, args: dict[str, Any], op: str, **req: Any) -> dict[str, Any]:
+    from fleet_agent.serve_protocol import call
+
+    timeout = float(args.get("timeout", 120.0))
+    doc = call(_socket(ctx, args), op, timeout=timeout, **req)
+    doc.pop("ok", None)
+    return doc
+
+
+def lora_add(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Stage a LoRA pack (``path`` on the device): verified, kept encrypted; with
+    ``swap: true`` the daemon then serves it."""
+    from fleet_agent.store import Store
+
+    if not args.get("path"):
+        raise errors.UsageError("lora add needs path")
+    staged = Store(ctx).stage(args["path"])
+    if staged.kind != "lora":
+        raise errors.UsageError(f"{staged.name} is a {staged.kind} package, not a LoRA pack",
+                                name=staged.name)
+    out: dict[str, Any] = {"staged": staged.to_dict()}
+    if args.get("swap"):
+        out["swap"] = _daemon(ctx, args, "swap", name=staged.name, version=staged.version)
+    return out
+
+
+def lora_swap(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Serve adapter ``name`` (``version``: newest staged by default), ``name: null`` for
+    the base alone, or ``rollback: true`` for the adapter served before."""
+    if args.get("rollback"):
+        return _daemon(ctx, args, "swap", rollback=True)
+    if "name" not in args:
+        raise errors.UsageError("lora swap needs name (null: serve the base alone)")
+    req: dict[str, Any] = {"name": args["name"]}
+    if args.get("version") is not None:
+        req["version"] = int(args["version"])
+    return _daemon(ctx, args, "swap", **req)
+
+
+def lora_remove(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Stop serving adapter ``name`` (the base serves alone). The encrypted pack stays in
+    the store (a later ``lora swap`` can bring it back)."""
+    name = args.get("name")
+    if not name:
+        raise errors.UsageError("lora remove needs name")
+    status = _daemon(ctx, args, "status")
+    serving = (status.get("adapter_info") or {}).get("name")
+    if serving != name:
+        return {"removed": False, "reason": f"{name} is not being served",
+                "adapter": status.get("adapter")}
+    out = _daemon(ctx, args, "swap", name=None)
+    return {"removed": True, **out}
+
+
+def lora_list(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Staged LoRA packs (from the store's state) and what the daemon serves, if it runs."""
+    state = read_json(ctx.state_file) or {}
+    packs = []
+    for name, rec in sorted((state.get("models") or {}).items()):
+        if rec.get("kind") == "lora":
+            packs.append({"name": name, "versions": sorted(int(v) for v in rec.get("versions",
+                                                                                   {}))})
+    daemon: dict[str, Any] | None
+    try:
+        daemon = _daemon(ctx, {**args, "timeout": args.get("timeout", 10.0)}, "status")
+    except errors.FleetError as exc:
+        daemon = {"running": False, "error": exc.to_dict()}
+    serving = read_json(serve_state_file(ctx))
+    return {"packs": packs, "daemon": daemon, "persisted": serving}
