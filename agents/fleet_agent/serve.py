@@ -153,7 +153,8 @@ class Engine:
                 self._release(old)
             return {"adapter": new.label, "previous": old.label, "swap_ms": round(swap_ms, 3),
                     "prepare_ms": round(prep_ms, 3), "old_in_flight": in_flight,
-                    "check": new.info.get("check")}
+                    "check": new.info.get("check"),
+                    "base": {k: self.base_info.get(k) for k in ("name", "version")}}
 
     def rollback(self) -> dict[str, Any]:
         """Serve the adapter served before the current one."""
