@@ -61,6 +61,7 @@ class IosLab:
 
     def options(self, **changes: object) -> TransportOptions:
         opts = transport_options(self.home)
+        opts.usbmux_socket = str(ios.socket_path(self.home))  # this lab's usbmuxd
         for k, v in changes.items():
             setattr(opts, k, v)
         return opts

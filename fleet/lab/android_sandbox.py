@@ -132,8 +132,9 @@ def shell_argv(root: Path, command: str | None) -> list[str]:
     if bwrap is None:
         raise FileNotFoundError("bwrap not found: install Debian's bubblewrap (Makefile)")
     root = root.resolve()
-    argv = [bwrap, *_ro_binds(),
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+    # /tmp first: later binds (the repo, the venv) may live under /tmp and must stay visible
+    argv = [bwrap, "--tmpfs", "/tmp", *_ro_binds(),
+            "--proc", "/proc", "--dev", "/dev",
             # read-only sysfs, as on a phone: CPU clusters, GPU/OpenCL drivers read it
             "--ro-bind", "/sys", "/sys",
             "--bind", str(root / "data"), "/data",
