@@ -26,6 +26,8 @@ def transport_options(home: FleetHome, *, accept_host_key: str | None = None
         opts.adb_port = int(os.environ["FLEET_ADB_PORT"])
     if os.environ.get("FLEET_USBMUX_SOCKET"):
         opts.usbmux_socket = os.environ["FLEET_USBMUX_SOCKET"]
+    if os.environ.get("FLEET_MAILBOX_TIMEOUT"):
+        opts.mailbox_timeout = float(os.environ["FLEET_MAILBOX_TIMEOUT"])
     return opts
 
 

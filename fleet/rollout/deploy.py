@@ -49,6 +49,7 @@ class DeviceResult:
 
 def _deploy_one(home: FleetHome, reg: Registry, job: DeployJob, dev: Device,
                 step_id: uuid.UUID, ctx: TaskContext) -> DeviceResult:
+    hist.set_step(reg, step_id, "connecting", attempt=True, attempt_no=ctx.attempt + 1)
     transport, agent = open_device(home, dev)
     ctx.add_closer(transport.close)
     with transport:
@@ -64,7 +65,7 @@ def _deploy_one(home: FleetHome, reg: Registry, job: DeployJob, dev: Device,
             raise errors.RollbackError(f"{dev.name}: {action.reason}", device=dev.name)
         ctx.check()
         remote = f"{agent.root.rstrip('/')}/incoming/{job.package_sha256}.fpkg"
-        hist.set_step(reg, step_id, "pushing", attempt=True, remote=remote)
+        hist.set_step(reg, step_id, "pushing", remote=remote)
         ctx.state("pushing")
         tr = transport.push(job.package, remote, resume=True, progress=ctx.bytes)
         hist.set_step(reg, step_id, "pushed", bytes_sent=tr.bytes_sent,
