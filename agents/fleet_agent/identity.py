@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fleet import errors
 from fleet.artifacts.keyid import fingerprint_public_key
 
-__all__ = ["load_or_create_device_key", "load_device_key", "public_pem"]
+__all__ = ["load_device_key", "load_or_create_device_key", "public_pem"]
 
 
 def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from fleet.audit.collect import collect_audit
+from fleet.audit.collect import AuditRow, collect_audit
 from fleet.cli._ctx import state
 from fleet.cli._exit import PARTIAL_FAILURE
 from fleet.cli._output import emit, table
@@ -22,7 +22,7 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def render_audit(c: Console, rows: list) -> None:  # type: ignore[type-arg]
+def render_audit(c: Console, rows: list[AuditRow]) -> None:
     c.print(table("audit: configured vs effective vs recommended backend",
                   ["device", "model", "configured", "effective", "recommended", "median ms",
                    "vs cpu", "findings"],
@@ -65,7 +65,8 @@ def reports(device: str, kind: Annotated[str | None, typer.Option()] = None,
     reg = Registry.open(state().home)
     dev = reg.get_device(device)
     reps = hist.reports_for(reg, dev, kind=kind, limit=limit)
-    data = [{"id": r.id, "kind": r.kind, "created_at": r.created_at, "model": r.model_name,
+    data: list[dict[str, Any]] = [
+        {"id": r.id, "kind": r.kind, "created_at": r.created_at, "model": r.model_name,
              "version": r.model_version, "configured": r.configured_backend,
              "effective": r.effective_backend, "recommended": r.recommended_backend,
              "median_ms": r.median_ms, "body": r.body} for r in reps]

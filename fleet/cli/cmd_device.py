@@ -23,7 +23,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def device_row(d: Device, groups: list[str] | None = None) -> dict[str, Any]:
-    row = {"name": d.name, "platform": d.platform, "uri": d.uri, "status": d.status,
+    row: dict[str, Any] = {"name": d.name, "platform": d.platform, "uri": d.uri, "status": d.status,
            "tags": d.tags, "last_seen": d.last_seen, "agent_version": d.agent_version,
            "agent_root": d.agent_root, "fingerprint": d.fingerprint, "id": d.id}
     if groups is not None:

@@ -37,14 +37,10 @@ def default_name(source: Path) -> str:
 
 def _model_facts(path: Path) -> dict[str, Any]:
     """Validate an ``.mnn`` by loading it; return the facts the manifest records."""
-    try:
-        from fleet.artifacts.mnninfo import inspect_model
-    except ImportError:  # pragma: no cover - mnninfo is part of the artifacts package
-        inspect_model = None
-    if inspect_model is not None:
-        facts: dict[str, Any] = inspect_model(path)
-        return facts
-    raise errors.InvalidModelError("model inspection unavailable")  # pragma: no cover
+    from fleet.artifacts.mnninfo import inspect_model
+
+    facts: dict[str, Any] = inspect_model(path)
+    return facts
 
 
 def _reuse(reg: Registry, name: str, digest: str, devices: list[Device]) -> Artifact | None:
