@@ -54,6 +54,8 @@ demo: setup
 	$(PY) -m fleet.demo
 
 test: setup
+	$(VENV)/bin/ruff check fleet agents tests bench models migrations
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 # -- checks -------------------------------------------------------------------------------
