@@ -145,11 +145,12 @@ def main() -> None:
         for b in boards:
             Path(b["agent_root"], f"push-{model.name}").unlink(missing_ok=True)
 
-        # 3. and 4. fleet deploy, twice
-        def deploy() -> dict[str, Any]:
+        # 3. fleet deploy --no-activate: package, push, verify on the device, store encrypted
+        # 4. and 5. full fleet deploy (plus activation: MNN load + health benchmark), twice
+        def deploy(*extra: str) -> dict[str, Any]:
             res = _fleet(home_path, "deploy", str(model), "--group", "lab-iot", "--workers",
                          str(args.boards), "--iterations", "1", "--warmup", "0", "--json",
-                         check=False)
+                         *extra, check=False)
             doc = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
             statuses = [r["status"] for r in doc.get("results", [])]
             if res.returncode != 0:
@@ -159,6 +160,8 @@ def main() -> None:
                     "reported_bytes": sum(r.get("bytes_sent") or 0
                                           for r in doc.get("results", []))}
 
+        rows["fleet deploy --no-activate (package+push+verify+stage)"] = _measure(
+            ifaces, lambda: deploy("--no-activate"))
         rows["fleet deploy (package+push+verify+activate)"] = _measure(ifaces, deploy)
         rows["fleet deploy, same version again"] = _measure(ifaces, deploy)
     finally:

@@ -106,6 +106,9 @@ def deploy(
     retries: Annotated[int, typer.Option(help="Retries of transient errors.")] = 2,
     iterations: Annotated[int, typer.Option(help="Benchmark iterations.")] = 10,
     warmup: Annotated[int, typer.Option(help="Benchmark warm-up runs.")] = 3,
+    activate: Annotated[bool, typer.Option(
+        "--activate/--no-activate",
+        help="--no-activate: push and stage only (verified, kept encrypted).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Package MODEL for the targets, push it to each in parallel, stage, activate, report."""
@@ -119,7 +122,8 @@ def deploy(
         job = prepare_job(home, reg, model, ready, name=name, version=version,
                           variant=variant, golden=golden,
                           progress=lambda m: err.print(m, highlight=False),
-                          bench={"iterations": iterations, "warmup": warmup})
+                          bench={"iterations": iterations, "warmup": warmup},
+                          activate=activate)
         err.print(f"deploying {job.name}@{job.version} ({_bytes(job.size)}) to "
                   f"{len(ready)} device(s)", highlight=False)
         with fanout_progress() as prog:

@@ -38,7 +38,7 @@ __all__ = [
     "steps_of",
 ]
 
-TERMINAL = {"ok", "skipped", "failed"}
+TERMINAL = {"ok", "staged", "skipped", "failed"}
 
 
 def next_version(reg: Registry, name: str) -> int:

@@ -35,12 +35,13 @@ class DeployJob:
     size: int
     artifact_id: uuid.UUID | None = None
     bench: dict[str, Any] = field(default_factory=dict)
+    activate: bool = True  #: False: push and stage (verified, kept encrypted) only
 
 
 @dataclass
 class DeviceResult:
     device: str
-    status: str  # ok | skipped | failed
+    status: str  # ok | staged | skipped | failed
     bytes_sent: int = 0
     report: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -77,6 +78,9 @@ def _deploy_one(home: FleetHome, reg: Registry, job: DeployJob, dev: Device,
         ctx.state("staging")
         staged = agent.call("stage", {"path": remote}, timeout=ctx.deadline.remaining(30))
         hist.set_step(reg, step_id, "staged", version=staged.get("version"))
+        if not job.activate:
+            return DeviceResult(dev.name, "staged", bytes_sent=tr.bytes_sent,
+                                reason="staged only (--no-activate)")
         ctx.check()
         ctx.state("activating")
         report = agent.call("activate", {"name": job.name, "version": job.version,

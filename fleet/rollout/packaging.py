@@ -81,7 +81,7 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
                 name: str | None = None, version: int | None = None,
                 variant: str | None = None, golden: Path | None = None,
                 progress: Callable[[str], None] | None = None,
-                bench: dict[str, Any] | None = None) -> DeployJob:
+                bench: dict[str, Any] | None = None, activate: bool = True) -> DeployJob:
     say = progress or (lambda _m: None)
     if not source.is_file():
         raise errors.ModelError(f"no model file at {source}", path=str(source))
@@ -89,7 +89,7 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
     if missing:
         raise errors.KeyMaterialError(f"not enrolled: {', '.join(missing)}", devices=missing)
     if source.suffix.lower() == ".fpkg":
-        return _job_from_package(home, reg, source, devices, bench or {})
+        return _job_from_package(home, reg, source, devices, bench or {}, activate)
     name = name or default_name(source)
     with tempfile.TemporaryDirectory(prefix="fleet-pkg-") as tmp:
         tmpdir = Path(tmp)
@@ -129,7 +129,7 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
         if art is not None and art.version == ver:
             say(f"reusing package {Path(art.path).name}")
             return DeployJob(name, ver, art.kind, Path(art.path), art.package_sha256,
-                             art.digest, art.size, art.id, bench or {})
+                             art.digest, art.size, art.id, bench or {}, activate)
         recipients = [Recipient.from_pem(d.public_key or "", name=d.name,
                                          fingerprint=d.fingerprint) for d in devices]
         home.artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +147,11 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
                                size=final.stat().st_size, path=str(final),
                                manifest=manifest.to_dict())
     return DeployJob(name, ver, "model", final, pkg_sha, manifest.sha256, final.stat().st_size,
-                     art.id, bench or {})
+                     art.id, bench or {}, activate)
 
 
 def _job_from_package(home: FleetHome, reg: Registry, source: Path, devices: list[Device],
-                      bench: dict[str, Any]) -> DeployJob:
+                      bench: dict[str, Any], activate: bool) -> DeployJob:
     from fleet.artifacts import load_trusted_public_key
     from fleet.connect import controller_public_pem
 
@@ -168,4 +168,4 @@ def _job_from_package(home: FleetHome, reg: Registry, source: Path, devices: lis
                                package_sha256=pkg_sha, size=source.stat().st_size,
                                path=str(source.resolve()), manifest=manifest.to_dict())
     return DeployJob(manifest.name, manifest.version, manifest.kind, source, pkg_sha,
-                     manifest.sha256, source.stat().st_size, art.id, bench)
+                     manifest.sha256, source.stat().st_size, art.id, bench, activate)
