@@ -170,6 +170,7 @@ class Engine:
         closers: list[Callable[[], None]] = []
         try:
             label, rel, ref, info = self._open(spec, closers)
+            t0 = time.perf_counter()
             with self._engine:
                 from fleet_agent.fdcapture import capture_fds
 
@@ -182,8 +183,11 @@ class Engine:
                     f"MNN could not load adapter {label}: {text.strip()[-300:]}",
                     adapter=label, log=text[-2000:])
             a = Adapter(label, spec, model, closers, info=info)
+            t1 = time.perf_counter()
             try:
                 a.info["check"] = L.check_reference(self._gen_on(model), ref, adapter=label)
+                a.info["check"].update(create_ms=round((t1 - t0) * 1e3, 3),
+                                       check_ms=round((time.perf_counter() - t1) * 1e3, 3))
             except BaseException:
                 with self._engine:
                     del a.model
