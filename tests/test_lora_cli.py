@@ -1,0 +1,140 @@
+"""``fleet deploy`` of the LLM base, then ``fleet lora package|push|swap|rollback|list`` on a
+local device whose serve daemon runs for real; the registry records what it serves."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleet_agent.serve_protocol import call
+
+from fleet import errors
+from fleet.artifacts import init_signing_key
+from fleet.home import FleetHome
+from fleet.lora import lora_state
+from fleet.registry import Registry
+from tests.conftest import REPO, local_uri
+
+FIX = REPO / "models" / "llm"
+
+
+def _ok(r: Any) -> Any:
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return dict(json.loads((FIX / "lora" / f"{name}.ref.json").read_text()))
+
+
+def _package_base(home: FleetHome, out: Path) -> Path:
+    """The base folder as package llm v1. `fleet package FOLDER` would do this, but its
+    MNN validation cannot read llm.mnn yet (pymnn raises on the LLM graph's outputs), so
+    the test builds the same package through the library and records it the same way."""
+    from fleet.artifacts import Recipient, build_package, file_sha256, load_signing_key
+    from fleet.artifacts.mnninfo import inspect_weights
+    from fleet.registry import history as hist
+
+    reg = Registry.open(home)
+    try:
+        dev = reg.get_device("p1")
+        info = inspect_weights(FIX / "base" / "llm.mnn")
+        files = [(p.name, p) for p in sorted((FIX / "base").iterdir()) if p.is_file()]
+        m = build_package(files, out, name="llm", version=1, kind="model",
+                          recipients=[Recipient.from_pem(dev.public_key or "", name="p1",
+                                                         fingerprint=dev.fingerprint)],
+                          signing_key=load_signing_key(home), entry="llm.mnn",
+                          mnn_facts={"format": "mnn-llm", "quant_bits": info["bits"][0],
+                                     "quant_block": info["blocks"][0]})
+        hist.record_artifact(reg, name="llm", kind="model", version=1, digest=m.sha256,
+                             package_sha256=file_sha256(out), size=out.stat().st_size,
+                             path=str(out), manifest=m.to_dict())
+    finally:
+        reg.close()
+    return out
+
+
+@pytest.fixture
+def served(run_fleet, home: FleetHome, tmp_path: Path):  # type: ignore[no-untyped-def]
+    assert run_fleet("init").exit_code == 0
+    init_signing_key(home)
+    assert run_fleet("group", "create", "llm").exit_code == 0
+    r = run_fleet("device", "add", local_uri(tmp_path, "p1"), "--name", "p1", "--group", "llm")
+    assert r.exit_code == 0, r.output
+    base = _package_base(home, tmp_path / "llm.fpkg")
+    root = tmp_path / "devices" / "p1"
+    # `fleet deploy` of an LLM folder package fails today in the agent's health check (it
+    # loads llm.mnn as a plain MNN model); until that lands, stage and activate it with the
+    # device store directly, as the agent's stage/activate verbs do.
+    from fleet_agent.context import AgentContext
+    from fleet_agent.store import Store
+
+    st = Store(AgentContext(root))
+    st.stage(base)
+    st.activate("llm", 1)
+    sock = root / "run" / "serve.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fleet_agent", "--root", str(root),
+                             "serve", "--args", json.dumps({"model": "llm", "thread_num": 1})],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            call(sock, "ping", timeout=2)
+            break
+        except errors.FleetError:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            time.sleep(0.1)
+    yield run_fleet, sock
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+
+
+def test_package_push_swap_rollback_and_registry(served, home: FleetHome,  # type: ignore[no-untyped-def]
+                                                 tmp_path: Path) -> None:
+    run_fleet, sock = served
+    packs = {}
+    for name in ("adapter_a", "adapter_b"):
+        ref = FIX / "lora" / f"{name}.ref.json"
+        out = _ok(run_fleet("lora", "package", str(FIX / "lora" / f"{name}.mnn"), "--base",
+                            "llm@1", "--reference", str(ref), "-o",
+                            str(tmp_path / f"{name}.fpkg"), "--json"))
+        assert out["base"]["name"] == "llm" and out["base"]["quant_bits"] == 8
+        assert out["recipients"] == ["p1"]
+        packs[name] = out
+    rows = _ok(run_fleet("lora", "push", packs["adapter_a"]["path"], "--group", "llm",
+                         "--swap", "--json"))
+    assert rows[0]["status"] == "ok" and rows[0]["adapter"] == "adapter_a@1"
+    _ok(run_fleet("lora", "push", packs["adapter_b"]["path"], "--group", "llm", "--json"))
+    rows = _ok(run_fleet("lora", "swap", "adapter_b", "--group", "llm", "--json"))
+    assert (rows[0]["adapter"], rows[0]["previous"]) == ("adapter_b@1", "adapter_a@1")
+    r = _ref("adapter_b")
+    assert call(sock, "generate", ids=r["prompts"][0], max_new_tokens=8)["ids"] == \
+        r["expected"][0]
+    rows = _ok(run_fleet("lora", "rollback", "--group", "llm", "--json"))
+    assert rows[0]["adapter"] == "adapter_a@1"
+    listing = _ok(run_fleet("lora", "list", "--group", "llm", "--json"))
+    assert listing[0]["bases"]["llm"]["adapter"] == "adapter_a@1"
+    assert listing[0]["bases"]["llm"]["previous"] == "adapter_b@1"
+    reg = Registry.open(home)
+    try:
+        assert lora_state(reg, reg.get_device("p1"))["llm"]["adapter_name"] == "adapter_a"
+    finally:
+        reg.close()
+
+
+def test_pack_without_lora_layers_or_for_unknown_base_is_refused(served, tmp_path: Path  # type: ignore[no-untyped-def]
+                                                                 ) -> None:
+    run_fleet, _ = served
+    r = run_fleet("lora", "package", str(FIX / "base" / "llm.mnn"), "--base", "llm@1",
+                  "-o", str(tmp_path / "x.fpkg"))
+    assert r.exit_code != 0 and "no LoRA layers" in r.output
+    r = run_fleet("lora", "package", str(FIX / "lora" / "adapter_a.mnn"), "--base", "nope@3",
+                  "-o", str(tmp_path / "y.fpkg"))
+    assert r.exit_code != 0 and "nope@3" in r.output
