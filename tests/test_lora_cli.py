@@ -33,33 +33,6 @@ def _ref(name: str) -> dict[str, Any]:
     return dict(json.loads((FIX / "lora" / f"{name}.ref.json").read_text()))
 
 
-def _package_base(home: FleetHome, out: Path) -> Path:
-    """The base folder as package llm v1. `fleet package FOLDER` would do this, but its
-    MNN validation cannot read llm.mnn yet (pymnn raises on the LLM graph's outputs), so
-    the test builds the same package through the library and records it the same way."""
-    from fleet.artifacts import Recipient, build_package, file_sha256, load_signing_key
-    from fleet.artifacts.mnninfo import inspect_weights
-    from fleet.registry import history as hist
-
-    reg = Registry.open(home)
-    try:
-        dev = reg.get_device("p1")
-        info = inspect_weights(FIX / "base" / "llm.mnn")
-        files = [(p.name, p) for p in sorted((FIX / "base").iterdir()) if p.is_file()]
-        m = build_package(files, out, name="llm", version=1, kind="model",
-                          recipients=[Recipient.from_pem(dev.public_key or "", name="p1",
-                                                         fingerprint=dev.fingerprint)],
-                          signing_key=load_signing_key(home), entry="llm.mnn",
-                          mnn_facts={"format": "mnn-llm", "quant_bits": info["bits"][0],
-                                     "quant_block": info["blocks"][0]})
-        hist.record_artifact(reg, name="llm", kind="model", version=1, digest=m.sha256,
-                             package_sha256=file_sha256(out), size=out.stat().st_size,
-                             path=str(out), manifest=m.to_dict())
-    finally:
-        reg.close()
-    return out
-
-
 @pytest.fixture
 def served(run_fleet, home: FleetHome, tmp_path: Path):  # type: ignore[no-untyped-def]
     assert run_fleet("init").exit_code == 0
@@ -67,17 +40,22 @@ def served(run_fleet, home: FleetHome, tmp_path: Path):  # type: ignore[no-untyp
     assert run_fleet("group", "create", "llm").exit_code == 0
     r = run_fleet("device", "add", local_uri(tmp_path, "p1"), "--name", "p1", "--group", "llm")
     assert r.exit_code == 0, r.output
-    base = _package_base(home, tmp_path / "llm.fpkg")
+    # the base itself goes out with `fleet deploy`: packaged with its reference outputs,
+    # checked on the device (greedy tokens reproduced) before it becomes active
+    out = _ok(run_fleet("deploy", str(FIX / "base"), "--name", "llm", "--group", "llm",
+                        "--iterations", "1", "--json"))
+    row = out["results"][0]
+    assert row["status"] == "ok" and row["effective_backend"] == "cpu"
     root = tmp_path / "devices" / "p1"
-    # `fleet deploy` of an LLM folder package fails today in the agent's health check (it
-    # loads llm.mnn as a plain MNN model); until that lands, stage and activate it with the
-    # device store directly, as the agent's stage/activate verbs do.
-    from fleet_agent.context import AgentContext
-    from fleet_agent.store import Store
-
-    st = Store(AgentContext(root))
-    st.stage(base)
-    st.activate("llm", 1)
+    reps = Registry.open(home)
+    try:
+        from fleet.registry import history as hist
+        body = hist.reports_for(reps, reps.get_device("p1"), kind="activate")[0].body
+    finally:
+        reps.close()
+    assert body["reference"]["kind"] == "golden"
+    assert all(c["comparison"]["prompts"] == 3 for c in body["candidates"]
+               if c["status"] == "passed")
     sock = root / "run" / "serve.sock"
     proc = subprocess.Popen([sys.executable, "-m", "fleet_agent", "--root", str(root),
                              "serve", "--args", json.dumps({"model": "llm", "thread_num": 1})],

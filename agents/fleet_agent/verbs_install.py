@@ -87,6 +87,10 @@ def _health(ctx: AgentContext, store: Any, name: str, version: int, args: dict[s
 
     with store.open_payload(name, version) as opened:
         manifest = opened.manifest
+        if (manifest.mnn or {}).get("format") == "mnn-llm":
+            from fleet_agent.llm_health import llm_health
+            llm_report, llm_pick = llm_health(ctx, opened, probe=probe, args=args)
+            return manifest, llm_report | {"_pick_obj": llm_pick}
         golden = Golden.load(opened.golden) if opened.golden else None
         configured = read_runtime_config(_version_dir(ctx, name, version))
         report = health_check(opened.entry, probe=probe, golden=golden, cache_dir=ctx.cache,

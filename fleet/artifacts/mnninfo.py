@@ -33,7 +33,14 @@ from typing import Any
 
 from fleet import errors
 
-__all__ = ["inspect_model", "inspect_weights", "quiet_stdout", "validate_mnn"]
+__all__ = [
+    "inspect_llm_folder",
+    "inspect_model",
+    "inspect_weights",
+    "is_llm_folder",
+    "quiet_stdout",
+    "validate_mnn",
+]
 
 # OpParameter union indexes (MNN.fbs; the union is append-only).
 _P_CONV2D = 9
@@ -202,3 +209,33 @@ def validate_mnn(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 #: the name ``fleet.rollout.packaging`` uses: validate and describe in one call
 inspect_model = validate_mnn
+
+
+def is_llm_folder(folder: str | os.PathLike[str]) -> bool:
+    return (Path(folder) / "config.json").is_file() and (Path(folder) / "llm.mnn").is_file()
+
+
+def inspect_llm_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Facts of an MNN-LLM export folder (``config.json`` + ``llm.mnn`` + weights).
+
+    pymnn's Module loader cannot open ``llm.mnn`` (its graph needs the LLM runtime), so the
+    folder is validated by its config and by reading the weight layout from the file."""
+    root = Path(folder)
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file() or not (root / "llm.mnn").is_file():
+        raise errors.InvalidModelError(
+            f"{root} is not an MNN-LLM folder (needs config.json and llm.mnn)", path=str(root))
+    import json
+
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise errors.InvalidModelError(f"{cfg_path}: not JSON", path=str(cfg_path)) from exc
+    info = inspect_weights(root / "llm.mnn")
+    bits, blocks = info.get("bits") or [], info.get("blocks") or []
+    return {"format": "mnn-llm", "config": {k: config.get(k) for k in
+                                            ("backend_type", "thread_num", "precision",
+                                             "memory", "llm_model", "llm_weight")},
+            "quant_layers": info.get("quant_layers", 0),
+            "quant_bits": bits[0] if len(bits) == 1 else (bits or None),
+            "quant_block": blocks[0] if len(blocks) == 1 else (blocks or None)}

@@ -137,7 +137,7 @@ def package(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate MODEL with MNN, encrypt it for each target device, sign it."""
-    from fleet.artifacts.mnninfo import validate_mnn
+    from fleet.artifacts.mnninfo import inspect_llm_folder, is_llm_folder, validate_mnn
     from fleet.registry import history
 
     home = state().home
@@ -156,7 +156,8 @@ def package(
             files, entry_name, golden_name = _prepare(model, Path(tmp), name=name,
                                                       variant=variant, golden=golden,
                                                       entry=entry)
-            facts = validate_mnn(dict(files)[entry_name])
+            facts = (inspect_llm_folder(model) if model.is_dir() and is_llm_folder(model)
+                     else validate_mnn(dict(files)[entry_name]))
             binding: dict[str, Any] | None = None
             if base is not None:
                 pub = load_trusted_public_key(public_pem(signing_key.public_key()))

@@ -83,7 +83,7 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
                 progress: Callable[[str], None] | None = None,
                 bench: dict[str, Any] | None = None, activate: bool = True) -> DeployJob:
     say = progress or (lambda _m: None)
-    if not source.is_file():
+    if not source.exists():
         raise errors.ModelError(f"no model file at {source}", path=str(source))
     missing = [d.name for d in devices if not d.public_key or not d.fingerprint]
     if missing:
@@ -95,6 +95,9 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
         tmpdir = Path(tmp)
         suffix = source.suffix.lower()
         golden_bytes: bytes | None = None
+        if source.is_dir():
+            return _llm_job(home, reg, source, devices, name=name, version=version,
+                            reference=golden, say=say, bench=bench or {}, activate=activate)
         if suffix in (".onnx", ".tflite"):
             from fleet.artifacts.convert import convert_model
             from fleet.artifacts.golden import make_golden
@@ -169,3 +172,49 @@ def _job_from_package(home: FleetHome, reg: Registry, source: Path, devices: lis
                                path=str(source.resolve()), manifest=manifest.to_dict())
     return DeployJob(manifest.name, manifest.version, manifest.kind, source, pkg_sha,
                      manifest.sha256, source.stat().st_size, art.id, bench, activate)
+
+
+def _llm_job(home: FleetHome, reg: Registry, folder: Path, devices: list[Device], *,
+             name: str, version: int | None, reference: Path | None,
+             say: Callable[[str], None], bench: dict[str, Any], activate: bool) -> DeployJob:
+    """An MNN-LLM export folder: every file in it, plus its reference outputs (prompt ids and
+    the expected greedy tokens, ``<folder>.ref.json`` beside it unless given)."""
+    from fleet.artifacts.mnninfo import inspect_llm_folder
+
+    facts = inspect_llm_folder(folder)
+    files = [(p.relative_to(folder).as_posix(), p)
+             for p in sorted(folder.rglob("*")) if p.is_file()]
+    if any("/" in rel for rel, _ in files):
+        raise errors.InvalidModelError(f"{folder}: nested folders are not supported in an "
+                                       "MNN-LLM package", path=str(folder))
+    ref = reference or folder.with_name(folder.name + ".ref.json")
+    golden_name = None
+    if ref.is_file():
+        say(f"using reference outputs {ref.name}")
+        files.append(("reference.json", ref))
+        golden_name = "reference.json"
+    digest = _payload_digest(files)
+    ver = _version_for(reg, name, digest, version)
+    art = _reuse(reg, name, digest, devices)
+    if art is not None and art.version == ver:
+        return DeployJob(name, ver, art.kind, Path(art.path), art.package_sha256, art.digest,
+                         art.size, art.id, bench, activate)
+    recipients = [Recipient.from_pem(d.public_key or "", name=d.name, fingerprint=d.fingerprint)
+                  for d in devices]
+    home.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fleet-pkg-") as tmp:
+        out = Path(tmp) / "out.fpkg"
+        say(f"packaging MNN-LLM {name}@{ver} ({len(files)} files) for {len(recipients)} "
+            "devices")
+        manifest = build_package(files, out, name=name, version=ver, kind="model",
+                                 recipients=recipients, signing_key=load_signing_key(home),
+                                 entry="llm.mnn", mnn_facts=facts, golden=golden_name)
+        pkg_sha = file_sha256(out)
+        final = home.artifacts_dir / f"{name}-{ver}-{pkg_sha[:12]}.fpkg"
+        shutil.move(str(out), final)
+    art = hist.record_artifact(reg, name=name, kind="model", version=ver,
+                               digest=manifest.sha256, package_sha256=pkg_sha,
+                               size=final.stat().st_size, path=str(final),
+                               manifest=manifest.to_dict())
+    return DeployJob(name, ver, "model", final, pkg_sha, manifest.sha256, final.stat().st_size,
+                     art.id, bench, activate)
