@@ -5,7 +5,9 @@
 3. as root: lab IoT boards (real sshd in network namespaces) and lab phones (emulated
    adbd behind Debian's adb server, emulated usbmuxd driven by tidevice) in group
    ``phones``; ``fleet deploy ... --group phones`` and the audit;
-4. the lab is taken down again, whatever happened.
+4. an MNN-LLM base deployed to a lab board and served there; a LoRA adapter hot-swapped in,
+   and the reference prompts show the outputs changed to the adapter's;
+5. the lab is taken down again, whatever happened.
 
 Every step is the real CLI in a subprocess; its output is what an operator sees.
 """
@@ -62,7 +64,24 @@ def lab_part() -> None:
     fleet("deploy", str(TINY), "--group", "lab-iot")
     fleet("deploy", str(TINY), "--group", "phones")
     fleet("audit", "--group", "phones")
+    lora_part("iot0")
     fleet("status")
+
+
+def lora_part(board: str) -> None:
+    """An MNN-LLM base on a lab board, its serving daemon, then an adapter hot-swapped in:
+    the reference prompts' outputs change from the base's to the adapter's."""
+    llm = REPO / "models" / "llm"
+    fleet("deploy", str(llm / "base"), "--name", "qwen-tiny", "--device", board)
+    fleet("lora", "serve", "qwen-tiny", "--device", board)
+    fleet("lora", "check", str(llm / "base.ref.json"), "--device", board)
+    pack = REPO / ".demo" / "adapter_a.fpkg"
+    fleet("lora", "package", str(llm / "lora" / "adapter_a.mnn"), "--base", "qwen-tiny@1",
+          "--reference", str(llm / "lora" / "adapter_a.ref.json"), "-o", str(pack))
+    fleet("lora", "push", str(pack), "--device", board, "--swap")
+    fleet("lora", "check", str(llm / "lora" / "adapter_a.ref.json"), "--device", board)
+    fleet("lora", "check", str(llm / "base.ref.json"), "--device", board, check=False)
+    fleet("audit", "--device", board)
 
 
 def main() -> int:

@@ -205,6 +205,12 @@ def lora_fanout(home: FleetHome, reg: Registry, devices: list[Device], verb: str
                 row["staged"] = answer.get("staged")
             if verb == "lora list":
                 row["list"] = {k: answer.get(k) for k in ("packs", "daemon")}
+            if verb == "lora serve":
+                row["started"] = answer.get("started")
+                row["adapter"] = (answer.get("status") or {}).get("adapter")
+            if verb == "lora generate":
+                row["adapter"] = answer.get("adapter")
+                row["outputs"] = answer.get("outputs")
             if verb in ("lora swap", "lora remove") or answer.get("swap"):
                 row.update(_record(reg, dev, answer))
             return row

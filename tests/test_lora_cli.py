@@ -116,3 +116,39 @@ def test_pack_without_lora_layers_or_for_unknown_base_is_refused(served, tmp_pat
     r = run_fleet("lora", "package", str(FIX / "lora" / "adapter_a.mnn"), "--base", "nope@3",
                   "-o", str(tmp_path / "y.fpkg"))
     assert r.exit_code != 0 and "nope@3" in r.output
+
+
+def test_serve_started_by_fleet_and_outputs_follow_the_adapter(run_fleet, home: FleetHome,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
+    """`fleet lora serve` starts the daemon through the agent; `fleet lora check` shows the
+    outputs switch from the base's references to the adapter's; audit names the adapter."""
+    import os
+
+    assert run_fleet("init").exit_code == 0
+    init_signing_key(home)
+    assert run_fleet("device", "add", local_uri(tmp_path, "s1"), "--name", "s1").exit_code == 0
+    _ok(run_fleet("deploy", str(FIX / "base"), "--name", "llm", "--device", "s1",
+                  "--iterations", "1", "--json"))
+    rows = _ok(run_fleet("lora", "serve", "llm", "--device", "s1", "--json"))
+    assert rows[0]["status"] == "ok" and rows[0]["started"] is True
+    try:
+        again = _ok(run_fleet("lora", "serve", "llm", "--device", "s1", "--json"))
+        assert again[0]["started"] is False  # idempotent: the running daemon is kept
+        base = _ok(run_fleet("lora", "check", str(FIX / "base.ref.json"), "--device", "s1",
+                             "--json"))
+        assert base[0]["matches"] == base[0]["prompts"] == 3
+        pack = _ok(run_fleet("lora", "package", str(FIX / "lora" / "adapter_b.mnn"), "--base",
+                             "llm@1", "--reference", str(FIX / "lora" / "adapter_b.ref.json"),
+                             "-o", str(tmp_path / "b.fpkg"), "--json"))
+        _ok(run_fleet("lora", "push", pack["path"], "--device", "s1", "--swap", "--json"))
+        now = _ok(run_fleet("lora", "check", str(FIX / "lora" / "adapter_b.ref.json"),
+                            "--device", "s1", "--json"))
+        assert now[0]["matches"] == 3 and now[0]["adapter"] == "adapter_b@1"
+        r = run_fleet("lora", "check", str(FIX / "base.ref.json"), "--device", "s1", "--json")
+        assert r.exit_code == 20  # the outputs no longer match the base's references
+        assert json.loads(r.stdout)[0]["matches"] < 3
+        audit = _ok(run_fleet("audit", "--device", "s1", "--json"))
+        assert audit[0]["adapter"] == "adapter_b@1"
+    finally:
+        st = call(tmp_path / "devices" / "s1" / "run" / "serve.sock", "status", timeout=5)
+        os.kill(int(st["pid"]), signal.SIGTERM)

@@ -35,6 +35,8 @@ VERBS: dict[str, str] = {
     "lora swap": "fleet_agent.lora:lora_swap",
     "lora remove": "fleet_agent.lora:lora_remove",
     "lora list": "fleet_agent.lora:lora_list",
+    "lora serve": "fleet_agent.serve_ctl:serve_start",
+    "lora generate": "fleet_agent.serve_ctl:generate",
 }
 
 

@@ -62,7 +62,8 @@ def collect_audit(home: FleetHome, reg: Registry, devices: list[Device], *, live
                 rows.append(AuditRow(dev.name, dev.platform, error="no audit report stored",
                                      source="stored"))
             else:
-                rows.extend(_rows_from_body(dev, rep.body, "stored"))
+                rows.extend(_with_adapters(reg, dev, _rows_from_body(dev, rep.body,
+                                                                     "stored")))
         return rows
 
     def task(dev: Device, ctx: TaskContext) -> dict[str, Any]:
@@ -80,14 +81,20 @@ def collect_audit(home: FleetHome, reg: Registry, devices: list[Device], *, live
             body = dict(out.result)
             hist.add_report(reg, dev, "audit", _flatten_findings(body))
             reg.touch_device(dev.name)
-            for st in hist.lora_states(reg, dev):
-                body.setdefault("lora", []).append(
-                    {"base": st.base_name, "adapter": st.adapter_name,
-                     "version": st.adapter_version})
-            rows.extend(_rows_from_body(dev, body, "live"))
+            rows.extend(_with_adapters(reg, dev, _rows_from_body(dev, body, "live")))
         else:
             err = out.error or errors.FleetError("unknown")
             rows.append(AuditRow(dev.name, dev.platform, error=f"{err.code}: {err.message}"))
+    return rows
+
+
+def _with_adapters(reg: Registry, dev: Device, rows: list[AuditRow]) -> list[AuditRow]:
+    """The LoRA adapter each base model serves on this device, as the registry knows it."""
+    serving = {st.base_name: (f"{st.adapter_name}@{st.adapter_version}" if st.adapter_name
+                              else "(base only)") for st in hist.lora_states(reg, dev)}
+    for row in rows:
+        if row.model in serving:
+            row.adapter = serving[row.model]
     return rows
 
 

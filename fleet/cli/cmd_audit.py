@@ -24,9 +24,9 @@ def _ms(v: float | None) -> str:
 
 def render_audit(c: Console, rows: list[AuditRow]) -> None:
     c.print(table("audit: configured vs effective vs recommended backend",
-                  ["device", "model", "configured", "effective", "recommended", "median ms",
-                   "vs cpu", "findings"],
-                  [(r.device, f"{r.model}@{r.version}" if r.model else "-",
+                  ["device", "model", "adapter", "configured", "effective", "recommended",
+                   "median ms", "vs cpu", "findings"],
+                  [(r.device, f"{r.model}@{r.version}" if r.model else "-", r.adapter or "-",
                     r.configured or "-", r.effective or "-", r.recommended or "-",
                     _ms(r.median_ms),
                     f"{r.cpu_median_ms / r.median_ms:.2f}x" if r.median_ms and r.cpu_median_ms

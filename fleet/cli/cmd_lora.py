@@ -134,6 +134,56 @@ def swap(
     _run("lora swap", args, group, device, as_json=as_json, title="lora swap")
 
 
+@lora_app.command("serve")
+def serve(
+    base: Annotated[str, typer.Argument(help="The deployed base model's name.")],
+    group: GroupOpt = [],  # noqa: B006
+    device: DeviceOpt = [],  # noqa: B006
+    threads: Annotated[int | None, typer.Option(help="Threads for the daemon.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make sure each device runs its serving daemon for BASE (started if not running)."""
+    args: dict[str, Any] = {"model": base}
+    if threads:
+        args["thread_num"] = threads
+    _run("lora serve", args, group, device, as_json=as_json, title="lora serve")
+
+
+@lora_app.command("check")
+def check(
+    reference: Annotated[Path, typer.Argument(help="Reference JSON: prompts and the greedy "
+                                                   "tokens expected for them.")],
+    group: GroupOpt = [],  # noqa: B006
+    device: DeviceOpt = [],  # noqa: B006
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a reference's prompts on the devices' daemons; say which outputs match it."""
+    import json
+
+    from fleet.lora import lora_fanout
+
+    ref = json.loads(reference.read_text())
+    home = state().home
+    reg = Registry.open(home)
+    try:
+        rows = lora_fanout(home, reg, _targets(reg, group, device), "lora generate",
+                           {"prompts": ref["prompts"],
+                            "max_new_tokens": ref["max_new_tokens"]})
+    finally:
+        reg.close()
+    for r in rows:
+        outs = r.get("outputs") or []
+        r["matches"] = sum(1 for got, want in zip(outs, ref["expected"], strict=False)
+                           if got == want)
+        r["prompts"] = len(ref["expected"])
+    emit(rows, as_json=as_json, render=lambda c: c.print(table(
+        f"outputs vs {reference.name}", ["device", "adapter", "matching prompts", "error"],
+        [(r["device"], r.get("adapter") or "-", f"{r['matches']}/{r['prompts']}",
+          (r.get("error") or {}).get("message", "")) for r in rows])))
+    if any(r.get("status") != "ok" or r["matches"] != r["prompts"] for r in rows):
+        raise typer.Exit(20)  # a device failed or its outputs differ from the reference
+
+
 @lora_app.command("rollback")
 def rollback(group: GroupOpt = [], device: DeviceOpt = [],  # noqa: B006
              as_json: JsonOpt = False) -> None:
