@@ -27,12 +27,9 @@ DeviceOpt = Annotated[list[str], typer.Option("--device", "-d", help="Target dev
 
 
 def _targets(reg: Registry, group: list[str], device: list[str]) -> list[Device]:
-    if not group and not device:
-        raise errors.UsageError("name the targets: --group G and/or --device D")
-    devs = reg.resolve_targets(groups=group, devices=device)
-    if not devs:
-        raise errors.UsageError(f"no devices in {', '.join(group + device)}")
-    return devs
+    from fleet.cli.cmd_deploy import targets
+
+    return targets(reg, group, device)
 
 
 def _render_rows(title: str) -> Any:

@@ -126,22 +126,34 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
             gpath = tmpdir / "golden.npz"
             gpath.write_bytes(golden_bytes)
             files.append(("golden.npz", gpath))
-        digest = _payload_digest(files)
-        ver = _version_for(reg, name, digest, version)
-        art = _reuse(reg, name, digest, devices)
-        if art is not None and art.version == ver:
-            say(f"reusing package {Path(art.path).name}")
-            return DeployJob(name, ver, art.kind, Path(art.path), art.package_sha256,
-                             art.digest, art.size, art.id, bench or {}, activate)
-        recipients = [Recipient.from_pem(d.public_key or "", name=d.name,
-                                         fingerprint=d.fingerprint) for d in devices]
-        home.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        out = tmpdir / "out.fpkg"
-        say(f"packaging {name}@{ver} for {len(recipients)} devices")
+        return _build_or_reuse(home, reg, files, devices, name=name, version=version,
+                               entry=f"{name}.mnn", facts=facts,
+                               golden="golden.npz" if golden_bytes is not None else None,
+                               say=say, bench=bench or {}, activate=activate)
+
+
+def _build_or_reuse(home: FleetHome, reg: Registry, files: list[tuple[str, Path]],
+                    devices: list[Device], *, name: str, version: int | None, entry: str,
+                    facts: dict[str, Any], golden: str | None, say: Callable[[str], None],
+                    bench: dict[str, Any], activate: bool) -> DeployJob:
+    """Reuse a package of this exact payload made for these devices, or build, sign, store
+    and record a new one."""
+    digest = _payload_digest(files)
+    ver = _version_for(reg, name, digest, version)
+    art = _reuse(reg, name, digest, devices)
+    if art is not None and art.version == ver:
+        say(f"reusing package {Path(art.path).name}")
+        return DeployJob(name, ver, art.kind, Path(art.path), art.package_sha256, art.digest,
+                         art.size, art.id, bench, activate)
+    recipients = [Recipient.from_pem(d.public_key or "", name=d.name, fingerprint=d.fingerprint)
+                  for d in devices]
+    home.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fleet-pkg-") as tmp:
+        out = Path(tmp) / "out.fpkg"
+        say(f"packaging {name}@{ver} ({len(files)} file(s)) for {len(recipients)} devices")
         manifest = build_package(files, out, name=name, version=ver, kind="model",
                                  recipients=recipients, signing_key=load_signing_key(home),
-                                 entry=f"{name}.mnn", mnn_facts=facts,
-                                 golden="golden.npz" if golden_bytes is not None else None)
+                                 entry=entry, mnn_facts=facts, golden=golden)
         pkg_sha = file_sha256(out)
         final = home.artifacts_dir / f"{name}-{ver}-{pkg_sha[:12]}.fpkg"
         shutil.move(str(out), final)
@@ -150,7 +162,7 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
                                size=final.stat().st_size, path=str(final),
                                manifest=manifest.to_dict())
     return DeployJob(name, ver, "model", final, pkg_sha, manifest.sha256, final.stat().st_size,
-                     art.id, bench or {}, activate)
+                     art.id, bench, activate)
 
 
 def _job_from_package(home: FleetHome, reg: Registry, source: Path, devices: list[Device],
@@ -193,28 +205,6 @@ def _llm_job(home: FleetHome, reg: Registry, folder: Path, devices: list[Device]
         say(f"using reference outputs {ref.name}")
         files.append(("reference.json", ref))
         golden_name = "reference.json"
-    digest = _payload_digest(files)
-    ver = _version_for(reg, name, digest, version)
-    art = _reuse(reg, name, digest, devices)
-    if art is not None and art.version == ver:
-        return DeployJob(name, ver, art.kind, Path(art.path), art.package_sha256, art.digest,
-                         art.size, art.id, bench, activate)
-    recipients = [Recipient.from_pem(d.public_key or "", name=d.name, fingerprint=d.fingerprint)
-                  for d in devices]
-    home.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fleet-pkg-") as tmp:
-        out = Path(tmp) / "out.fpkg"
-        say(f"packaging MNN-LLM {name}@{ver} ({len(files)} files) for {len(recipients)} "
-            "devices")
-        manifest = build_package(files, out, name=name, version=ver, kind="model",
-                                 recipients=recipients, signing_key=load_signing_key(home),
-                                 entry="llm.mnn", mnn_facts=facts, golden=golden_name)
-        pkg_sha = file_sha256(out)
-        final = home.artifacts_dir / f"{name}-{ver}-{pkg_sha[:12]}.fpkg"
-        shutil.move(str(out), final)
-    art = hist.record_artifact(reg, name=name, kind="model", version=ver,
-                               digest=manifest.sha256, package_sha256=pkg_sha,
-                               size=final.stat().st_size, path=str(final),
-                               manifest=manifest.to_dict())
-    return DeployJob(name, ver, "model", final, pkg_sha, manifest.sha256, final.stat().st_size,
-                     art.id, bench, activate)
+    return _build_or_reuse(home, reg, files, devices, name=name, version=version,
+                           entry="llm.mnn", facts=facts, golden=golden_name, say=say,
+                           bench=bench, activate=activate)
