@@ -59,7 +59,7 @@ _PUBLIC_KEYS = frozenset({
 
 
 # -- wire ------------------------------------------------------------------------------
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
+def recv_exact(sock: socket.socket, size: int) -> bytes:
     buf = bytearray()
     while len(buf) < size:
         chunk = sock.recv(size - len(buf))
@@ -71,10 +71,10 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 def recv_plist(sock: socket.socket) -> Any:
     """One lockdown-framed plist; ``EOFError`` when the peer closed between messages."""
-    (size,) = struct.unpack(">I", _recv_exact(sock, 4))
+    (size,) = struct.unpack(">I", recv_exact(sock, 4))
     if size > _MAX_PLIST:
         raise ValueError(f"plist of {size} bytes refused")
-    return plistlib.loads(_recv_exact(sock, size))
+    return plistlib.loads(recv_exact(sock, size))
 
 
 def send_plist(sock: socket.socket, value: Any) -> None:

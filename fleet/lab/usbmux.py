@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from fleet.lab.lockdown import recv_exact
+
 __all__ = ["Phone", "PhoneTable", "ReplyCode", "UsbmuxServer", "parse_socket_address"]
 
 _HEADER = struct.Struct("<IIII")
@@ -93,14 +95,14 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         while True:
             try:
-                header = _recv_exact(sock, _HEADER.size)
+                header = recv_exact(sock, _HEADER.size)
             except (EOFError, OSError):
                 return
             length, version, message, tag = _HEADER.unpack(header)
             if not _HEADER.size <= length <= _MAX_MESSAGE:
                 return
             try:
-                body = _recv_exact(sock, length - _HEADER.size)
+                body = recv_exact(sock, length - _HEADER.size)
             except (EOFError, OSError):
                 return
             if version != _PLIST_VERSION or message != _MSG_PLIST:
@@ -217,11 +219,3 @@ class UsbmuxServer:
             self.path.unlink()
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        if not chunk:
-            raise EOFError("peer closed")
-        buf += chunk
-    return bytes(buf)
