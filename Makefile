@@ -12,7 +12,8 @@ APT_PACKAGES := build-essential cmake git pkg-config \
 	adb bubblewrap libimobiledevice-utils usbmuxd \
 	pocl-opencl-icd ocl-icd-libopencl1 clinfo mesa-vulkan-drivers libvulkan1 vulkan-tools
 
-.PHONY: all setup apt venv native demo test lint typecheck bench clean
+.PHONY: all setup apt venv native demo test lint typecheck bench bench-crypto bench-ssh \
+	bench-lora llm-venv clean
 
 all: test
 
@@ -65,8 +66,29 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-bench: setup
-	$(PY) -m bench
+# Benchmarks (not part of `make test`): each prints a table and writes bench/results/*.json.
+LLM_VENV ?= build/llmvenv
+LLM_PACKAGES := torch==2.13.0 transformers==4.57.6 tokenizers==0.22.2 peft==0.21.2 \
+	llmexport==0.0.5 mnn==3.6.1 onnx==1.23.2 onnxslim==0.1.98 onnxruntime==1.31.1 \
+	sentencepiece==0.2.3 yaspin==3.5.1 numpy==2.4.6
+
+# The fixture tools for models/llm (torch, transformers, peft, llmexport), apart from .venv.
+$(LLM_VENV)/bin/python:
+	$(PYTHON) -m venv $(LLM_VENV)
+	$(LLM_VENV)/bin/pip install -q $(LLM_PACKAGES)
+
+llm-venv: $(LLM_VENV)/bin/python
+
+bench-crypto: setup
+	$(PY) bench/bench_crypto.py
+
+bench-ssh: setup
+	$(PY) bench/bench_deploy_ssh.py
+
+bench-lora: setup llm-venv
+	$(PY) bench/bench_lora.py --venv-python $(LLM_VENV)/bin/python
+
+bench: bench-crypto bench-ssh bench-lora
 
 clean:
 	rm -rf build .stamp-* .pytest_cache .mypy_cache .ruff_cache
