@@ -15,6 +15,7 @@ from tests.conftest import REPO, local_uri
 
 TINY = REPO / "models" / "tiny" / "tiny.mnn"
 OUTLIER_ONNX = REPO / "models" / "tiny" / "outlier.onnx"
+OTHER_MNN = REPO / "models" / "tiny" / "outlier.mnn"
 
 
 @pytest.fixture
@@ -128,3 +129,30 @@ def test_one_broken_device_fails_alone(fleet3, home: FleetHome, tmp_path: Path) 
     assert states["d1"][:1] == ["pending"] and states["d1"][-1] == "ok"
     assert "pushing" in states["d1"] and "staged" in states["d1"]
     assert states["d2"][-1] == "failed"
+
+
+def test_waves_halt_at_a_failed_gate_and_roll_back(fleet3, home: FleetHome,  # type: ignore[no-untyped-def]
+                                                    tmp_path: Path) -> None:
+    """v1 everywhere; v2 in waves 2,100%: d2 (wave 1) breaks, so the gate halts the rollout,
+    d1 (activated in wave 1) is rolled back to v1 and d3 (wave 2) is never touched."""
+    assert _deploy(fleet3, str(TINY), "--group", "demo")[0] == 0
+    reg = Registry.open(home)
+    reg.update_device("d2", agent_cmd=["/nonexistent/fleet-agent"])
+    code, out = _deploy(fleet3, str(OTHER_MNN), "--name", "tiny", "--group", "demo",
+                        "--waves", "2,100%", "--retries", "0")
+    assert code == 20
+    assert out["halted_at_wave"] == 1
+    rows = {r["device"]: r for r in out["results"]}
+    assert rows["d1"]["status"] == "rolled back"
+    assert rows["d2"]["status"] == "failed"
+    assert rows["d3"]["status"] == "not started"
+    assert _status(tmp_path, "d1")["installed"]["tiny"]["active"] == 1  # back on v1
+    assert _status(tmp_path, "d3")["installed"]["tiny"]["versions"] == [1]  # never got v2
+    # the gate passes when the wave is healthy: all three get v2
+    reg.update_device("d2", agent_cmd=None)
+    code, out = _deploy(fleet3, str(OTHER_MNN), "--name", "tiny", "--group", "demo",
+                        "--waves", "1,100%")
+    assert code == 0, out
+    assert out["halted_at_wave"] is None
+    assert {_status(tmp_path, n)["installed"]["tiny"]["active"] for n in ("d1", "d2", "d3")} \
+        == {2}

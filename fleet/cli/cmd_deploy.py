@@ -109,6 +109,11 @@ def deploy(
     activate: Annotated[bool, typer.Option(
         "--activate/--no-activate",
         help="--no-activate: push and stage only (verified, kept encrypted).")] = True,
+    waves: Annotated[str | None, typer.Option(
+        help="Roll out in waves, e.g. 1,25%,100% (cumulative sizes); a health gate after "
+             "each, automatic rollback when it fails.")] = None,
+    max_failed: Annotated[int, typer.Option(
+        help="Failed devices a wave may have before the rollout halts and rolls back.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Package MODEL for the targets, push it to each in parallel, stage, activate, report."""
@@ -118,6 +123,7 @@ def deploy(
     ready, failed = enroll_missing(home, reg, devs, workers)
     results: list[DeviceResult] = list(failed)
     deployment_id = None
+    halted: int | None = None
     if ready:
         job = prepare_job(home, reg, model, ready, name=name, version=version,
                           variant=variant, golden=golden,
@@ -127,16 +133,25 @@ def deploy(
         err.print(f"deploying {job.name}@{job.version} ({_bytes(job.size)}) to "
                   f"{len(ready)} device(s)", highlight=False)
         with fanout_progress() as prog:
-            deployment_id, res = run_deployment(
-                home, reg, job, ready, target=",".join(group + device), workers=workers,
-                deadline_s=deadline, retries=retries, on_bytes=prog.on_bytes,
-                on_state=prog.on_state, on_done=prog.on_done)
+            kw: dict[str, Any] = {"workers": workers, "deadline_s": deadline,
+                                  "retries": retries, "on_bytes": prog.on_bytes,
+                                  "on_state": prog.on_state, "on_done": prog.on_done}
+            if waves:
+                from fleet.rollout.waves import run_waves
+                outcome = run_waves(home, reg, job, ready, spec=waves, max_failed=max_failed,
+                                    target=",".join(group + device),
+                                    say=lambda m: err.print(m, highlight=False), **kw)
+                res, deployment_id = outcome.results, outcome.deployments[-1]
+                halted = outcome.halted_at
+            else:
+                deployment_id, res = run_deployment(home, reg, job, ready,
+                                                    target=",".join(group + device), **kw)
         results.extend(res)
     order = {d.name: i for i, d in enumerate(devs)}
     results.sort(key=lambda r: order.get(r.device, 0))
     rows = result_rows(results)
-    data = {"deployment": deployment_id, "results": rows,
-            "failed": sum(1 for r in rows if r["status"] == "failed")}
+    data = {"deployment": deployment_id, "results": rows, "halted_at_wave": halted,
+            "failed": sum(1 for r in rows if r["status"] not in ("ok", "staged", "skipped"))}
     emit(data, as_json=as_json, render=lambda c: render_results(
         c, f"deploy {model.name} (deployment {deployment_id})", rows))
     if data["failed"]:

@@ -1,0 +1,30 @@
+"""Pure planning: what to do per device, and how targets are cut into waves."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet import errors
+from fleet.rollout.plan import decide, split_waves
+
+
+def test_decide() -> None:
+    assert decide(None, name="m", version=1, digest="a").kind == "deploy"
+    assert decide({"version": 1, "digest": "a"}, name="m", version=1, digest="a").kind == "skip"
+    assert decide({"version": 1, "digest": "a"}, name="m", version=2, digest="b").kind == \
+        "deploy"
+    assert decide({"version": 3, "digest": "c"}, name="m", version=2, digest="b").kind == \
+        "refuse"
+    assert decide({"version": 2, "digest": "x"}, name="m", version=2, digest="b").kind == \
+        "refuse"
+
+
+def test_split_waves() -> None:
+    names = [f"d{i:02d}" for i in range(10)]
+    assert split_waves(names, "1,25%,100%") == [names[:1], names[1:3], names[3:]]
+    assert split_waves(names, "3") == [names[:3], names[3:]]  # the rest always follows
+    assert split_waves(names, "50%,50%,100%") == [names[:5], names[5:]]
+    assert split_waves(names[:2], "5") == [names[:2]]
+    for bad in ("", "0", "x%", "-1"):
+        with pytest.raises(errors.UsageError):
+            split_waves(names, bad)
