@@ -61,7 +61,7 @@ def lab_part() -> None:
     fleet("group", "create", "phones")
     names = members("lab-android") + members("lab-ios")
     fleet("group", "add", "phones", *names)
-    fleet("deploy", str(TINY), "--group", "lab-iot")
+    fleet("deploy", str(TINY), "--group", "lab-iot", "--waves", "1,100%")
     fleet("deploy", str(TINY), "--group", "phones")
     fleet("audit", "--group", "phones")
     lora_part("iot0")
