@@ -16,7 +16,6 @@ downloads) and ``<cache>/project-<tag>-<hash of the sources>/`` (the native buil
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet import errors
+from fleet.filelock import exclusive
 from fleet.transports.base import Transport, sha256_file
 
 __all__ = ["BootstrapResult", "Wheelhouse", "bootstrap", "build_wheelhouse", "python_tag"]
@@ -92,13 +92,8 @@ def _source_key(root: Path) -> str:
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive(directory / ".lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _pip_wheel(args: list[str], out: Path, log: Log, timeout: float) -> None:

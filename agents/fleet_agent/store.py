@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -48,6 +47,7 @@ from fleet.artifacts import (
     open_header,
     verify_rollback_order,
 )
+from fleet.filelock import exclusive
 from fleet_agent.context import AgentContext
 from fleet_agent.identity import load_device_key
 from fleet_agent.unpack import OpenedPayload, open_in_memory
@@ -178,12 +178,8 @@ class Store:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.ctx.ensure()
-        fd = os.open(self.ctx.root / ".store.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self.ctx.root / ".store.lock"):
             yield
-        finally:
-            os.close(fd)
 
     def _load_state(self) -> dict[str, Any]:
         try:

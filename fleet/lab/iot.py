@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import ipaddress
 import os
 import shutil
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fleet import errors
+from fleet.filelock import exclusive
 from fleet.home import FleetHome
 from fleet.lab import netns
 from fleet.lab.base import (
@@ -71,13 +71,8 @@ def _rundir(home: FleetHome) -> Path:
 def _global_lock() -> Iterator[None]:
     """Address and name allocation is machine-wide: serialise it across processes."""
     RUN_ROOT.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd = os.open(RUN_ROOT / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive(RUN_ROOT / ".lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _free_slot(taken: set[int]) -> int:
