@@ -34,9 +34,9 @@ def _child(mode: str, args: list[str]) -> None:
     """Runs in a subprocess: one direction, then prints seconds and peak RSS as JSON."""
     from cryptography.hazmat.primitives import serialization
 
-    from fleet.artifacts import (
+    from fleet.artifacts import build_package
+    from fleet.core.package import (
         Recipient,
-        build_package,
         decrypt_package,
         encrypt_chunks,
         load_trusted_public_key,

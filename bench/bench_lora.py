@@ -38,10 +38,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "agents"))
 
-from fleet_agent.lora import dir_base_facts  # noqa: E402
+from fleet_agent.lora_packs import dir_base_facts  # noqa: E402
 from fleet_agent.serve_protocol import ServeClient, call  # noqa: E402
 
-from fleet import errors  # noqa: E402
+from fleet.core import errors  # noqa: E402
 
 
 def _ensure_model(cache: Path, venv_python: Path) -> None:

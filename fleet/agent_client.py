@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
+from fleet.core.protocol import SCHEMA, encode_args
 from fleet.registry.models import Device
 from fleet.transports.base import Transport
 
 __all__ = ["AgentClient"]
-
-SCHEMA = "fleet.agent/1"
-
 
 class AgentClient:
     def __init__(self, transport: Transport, device: Device | None = None) -> None:
@@ -24,7 +22,6 @@ class AgentClient:
         self.name = device.name if device else transport.uri
 
     def argv(self, verb: str, args: dict[str, Any]) -> list[str]:
-        from fleet_agent.protocol import encode_args
         return [*self.cmd, "--root", self.root, *verb.split(), "--args-b64", encode_args(args)]
 
     def call(self, verb: str, args: dict[str, Any] | None = None, *, timeout: float = 120.0

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
-from fleet.filelock import exclusive
-from fleet.transports.base import Transport, sha256_file
+from fleet.core import errors
+from fleet.core.filelock import exclusive
+from fleet.core.fsutil import sha256_file
+from fleet.transports.base import Transport
 
 __all__ = ["BootstrapResult", "Wheelhouse", "bootstrap", "build_wheelhouse", "python_tag"]
 

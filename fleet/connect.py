@@ -6,8 +6,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from fleet import errors
 from fleet.agent_client import AgentClient
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry.models import Device
 from fleet.transports import Transport, TransportOptions, open_transport

@@ -11,7 +11,7 @@ deadline, for the answer in ``fleet/outbox/``. Documents (``fleet.mailbox/1``)::
 
 Both sides write a dot-named temp file and rename it, so nobody reads half a document.
 ``argv[0]`` is ``fleet-agent``: the app runs only the agent. An unanswered request is
-reported as :class:`fleet.errors.MailboxPendingError`, never as success; the request is
+reported as :class:`fleet.core.errors.MailboxPendingError`, never as success; the request is
 withdrawn if the app has not taken it yet (``details["picked_up"]`` says which).
 
 The transport supplies file access through :class:`MailboxIO` (sync on adb, AFC on iOS);
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fleet import errors
+from fleet.core import errors
 from fleet.transports.base import CommandResult
 
 __all__ = ["AGENT_ARGV0", "SCHEMA", "Mailbox", "MailboxIO", "decode_response",

@@ -22,7 +22,7 @@ MEMBER = "mediapipe/modules/face_detection/face_detection_short_range.tflite"
 def fetch() -> dict[str, Path]:
     """The ``.tflite``, its float ``.mnn`` conversion and the golden ``.npz``."""
     from fleet.artifacts.convert import convert_model
-    from fleet.artifacts.golden import make_golden
+    from fleet.artifacts.reference import make_golden
 
     out = cache_dir() / "mediapipe"
     out.mkdir(exist_ok=True)

@@ -127,7 +127,7 @@ def _export(torch: Any, name: str, weights: Path, onnx_path: Path) -> None:
 def fetch() -> dict[str, Path]:
     """For each net: ``<net>.onnx``, ``<net>.mnn`` (checked against onnxruntime), golden."""
     from fleet.artifacts.convert import convert_model
-    from fleet.artifacts.golden import make_golden
+    from fleet.artifacts.reference import make_golden
 
     out = cache_dir() / "mtcnn"
     out.mkdir(exist_ok=True)

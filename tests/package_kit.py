@@ -12,9 +12,10 @@ from fleet_agent.context import AgentContext
 from fleet_agent.identity import load_or_create_device_key
 from fleet_agent.store import Store
 
-from fleet.artifacts import Manifest, Recipient, build_package, parse_header
-from fleet.artifacts.chunks import TAG_SIZE
+from fleet.artifacts import build_package
 from fleet.artifacts.keys import public_pem
+from fleet.core.package import Manifest, Recipient, parse_header
+from fleet.core.package.chunks import TAG_SIZE
 
 CHUNK = 4096  # small chunks so a few KiB make several (the default stays 1 MiB)
 

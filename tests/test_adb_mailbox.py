@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from fleet import errors
+from fleet.core import errors
 from fleet.lab.ios_app import handle_request
 from fleet.mailbox import SCHEMA, decode_response, encode_request
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet import errors
+from fleet.core import errors
 from fleet.lab import android
 from fleet.transports import TransportOptions, open_transport
 from fleet.transports.adb import AdbTransport

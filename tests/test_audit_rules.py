@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from fleet_agent.audit_rules import RULES, Finding, audit
-from fleet_agent.engine import mnn
 from fleet_agent.gpucache import prepare_cache
 from fleet_agent.healthbench import health_check
 from fleet_agent.runtime_config import read_runtime_config, write_runtime_config
 
 from fleet.artifacts.convert import convert_model
-from fleet.artifacts.golden import Golden
+from fleet.core.golden import Golden
+from fleet.core.mnn.session import mnn
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny"
 DIGEST = "a" * 64

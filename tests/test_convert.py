@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fleet.artifacts import convert as convert_mod
 from fleet.artifacts.convert import convert_model
-from fleet.errors import ConversionError, ModelError, UsageError
+from fleet.core.errors import ConversionError, ModelError, UsageError
 
 TINY_ONNX = Path(__file__).resolve().parents[1] / "models" / "tiny" / "tiny.onnx"
 

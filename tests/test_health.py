@@ -9,15 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 from fleet_agent.candidates import enumerate_candidates
-from fleet_agent.compare import compare_outputs
-from fleet_agent.engine import RuntimeConfig
 from fleet_agent.healthbench import detect_weight_quant, health_check
 from fleet_agent.policy import pick
 from fleet_agent.runtime_config import read_runtime_config, write_runtime_config
 
 from fleet.artifacts.convert import convert_model
-from fleet.artifacts.golden import Golden, make_golden
-from fleet.errors import InvalidModelError
+from fleet.artifacts.reference import make_golden
+from fleet.core.compare import compare_outputs
+from fleet.core.errors import InvalidModelError
+from fleet.core.golden import Golden
+from fleet.core.mnn.session import RuntimeConfig
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny"
 X86_PROBE: dict[str, Any] = {

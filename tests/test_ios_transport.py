@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet import errors
 from fleet.connect import open_device
-from fleet.lab import ios
+from fleet.core import errors
+from fleet.lab import ios, ios_app
 from fleet.registry import Registry
 from fleet.transports import open_transport
 from fleet.transports.ios import IosTransport
@@ -108,10 +108,16 @@ def test_mailbox_run_returns_the_agents_json(ios_lab: IosLab) -> None:
 
 def test_taken_request_may_run_longer_than_the_pickup_deadline(ios_lab: IosLab) -> None:
     phone = ios_lab.phones(1)[0]
-    # the agent needs well over 0.2 s to start; the app takes the request at once
-    with ios_lab.transport(phone, mailbox_timeout=0.2) as t:
-        res = t.run(STATUS, timeout=60)
-    assert res.exit_code == 0 and res.duration_s > 0.2
+    # The peer decides the timing, not the machine's speed: in ``slow`` mode the app takes
+    # the request at once and answers only after SLOW_S (3 s), far past the 0.2 s pickup
+    # deadline; a taken request must be waited for up to the run timeout.
+    try:
+        ios.set_app(ios_lab.home, phone.name, "slow")
+        with ios_lab.transport(phone, mailbox_timeout=0.2) as t:
+            res = t.run(STATUS, timeout=60)
+    finally:
+        ios_lab.heal(phone.name)
+    assert res.exit_code == 0 and res.duration_s >= ios_app.SLOW_S
     assert json.loads(res.stdout)["ok"] is True
 
 

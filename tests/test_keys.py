@@ -9,8 +9,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleet import errors
-from fleet.artifacts import fingerprint_public_key, init_signing_key, load_signing_key
+from fleet.artifacts import init_signing_key, load_signing_key
+from fleet.core import errors
+from fleet.core.package import fingerprint_public_key
 from fleet.home import FleetHome
 
 

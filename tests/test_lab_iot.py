@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from fleet import errors
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.lab import faults, iot, kind_module, netns
 from fleet.lab.base import lab_tag

@@ -50,7 +50,7 @@ def test_bootstrap_installs_an_isolated_agent_on_a_board(iot_lab: IotLab,
         # the installed agent is the board's own copy, not the controller's editable one
         probe = subprocess.run(
             [str(venv / "bin" / "python"), "-c",
-             "import fleet_agent, fleet.errors; print(fleet_agent.__file__)"],
+             "import fleet_agent, fleet.core.errors; print(fleet_agent.__file__)"],
             capture_output=True, text=True, timeout=60, check=True)
         assert probe.stdout.strip().startswith(str(venv))
         reg = Registry.open(iot_lab.home)

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from fleet_agent.serve_protocol import call
 
-from fleet import errors
 from fleet.artifacts import init_signing_key
+from fleet.core import errors
 from fleet.home import FleetHome
-from fleet.lora import lora_state
 from fleet.registry import Registry
+from fleet.rollout.lora_push import lora_state
 from tests.conftest import REPO, local_uri
 
 FIX = REPO / "models" / "llm"

@@ -21,12 +21,13 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from fleet_agent.lora import lora_add, lora_list, lora_remove, lora_swap
+from fleet_agent.lora_packs import lora_add, lora_list, lora_remove, lora_swap
 from fleet_agent.serve_protocol import ServeClient, call
 
-from fleet import errors
-from fleet.artifacts import Manifest, base_binding, build_package
+from fleet.artifacts import base_binding, build_package
 from fleet.artifacts.mnninfo import inspect_weights
+from fleet.core import errors
+from fleet.core.package import Manifest
 from tests.package_kit import Device, make_device
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fleet_agent.healthbench import health_check
 
-from fleet.artifacts.golden import Golden
+from fleet.core.golden import Golden
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PROBE: dict[str, Any] = {"cpu": {"arch": "x86_64", "usable_cores": 2}, "gpu": {}}

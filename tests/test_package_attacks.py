@@ -13,19 +13,19 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fleet_agent.store import Store
 
-from fleet import errors
-from fleet.artifacts import (
+from fleet.artifacts import read_manifest
+from fleet.artifacts.build import base_binding
+from fleet.core import errors
+from fleet.core.package import (
     Limits,
     Recipient,
     decrypt_chunks,
     encode_header,
     parse_header,
-    read_manifest,
-    sign_rollback_order,
     unwrap_data_key,
 )
-from fleet.artifacts.build import base_binding
-from fleet.artifacts.chunks import chunk_aad, chunk_nonce
+from fleet.core.package.chunks import chunk_aad, chunk_nonce
+from fleet.core.package.orders import sign_rollback_order
 from tests.package_kit import CHUNK, Device, make_device, make_package, payload_bytes, split
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fleet_agent.identity import public_pem
 
-from fleet import errors
 from fleet.artifacts import load_signing_key, read_manifest
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Registry
 from tests.package_kit import make_device, make_tiny_mnn

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fleet import errors
-from fleet.artifacts import (
+from fleet.artifacts import build_package
+from fleet.artifacts.keys import public_pem
+from fleet.core import errors
+from fleet.core.package import (
     Manifest,
     Recipient,
-    build_package,
     decrypt_package,
     encode_header,
     parse_header,
     verify_manifest,
 )
-from fleet.artifacts._canonical import canonical_bytes, parse_canonical
-from fleet.artifacts.keys import public_pem
+from fleet.core.package.canonical import canonical_bytes, parse_canonical
 
 
 @pytest.fixture

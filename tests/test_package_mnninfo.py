@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet import errors
 from fleet.artifacts.mnninfo import validate_mnn
+from fleet.core import errors
 from tests.package_kit import make_tiny_mnn
 
 

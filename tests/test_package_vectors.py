@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
-from fleet.artifacts import decrypt_package, load_trusted_public_key
+from fleet.core.package import decrypt_package, load_trusted_public_key
 
 VEC = Path(__file__).resolve().parents[1] / "docs" / "test-vectors"
 

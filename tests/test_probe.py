@@ -26,7 +26,7 @@ from fleet_agent.probe import (
     stable_view,
 )
 
-from fleet import errors
+from fleet.core import errors
 
 # Loader settings that hide every OpenCL ICD and Vulkan driver without touching the system.
 HIDDEN_ENV = {

@@ -12,7 +12,7 @@ from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
 import fleet.registry.models  # noqa: F401
-from fleet import errors
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Registry
 from fleet.registry.db import alembic_config, make_engine, migrate

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import paramiko
 import pytest
 
-from fleet import errors
+from fleet.core import errors
 from fleet.lab import faults, iot
 from fleet.transports import TransferResult, open_transport
 from fleet.transports._known_hosts import KnownHosts, fingerprint

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fleet_agent.context import AgentContext
 from fleet_agent.store import CRASH_ENV, Store
 
-from fleet import errors
+from fleet.core import errors
 from tests.package_kit import (
     CHUNK,
     Device,

@@ -5,7 +5,7 @@ Every verb takes JSON in and prints exactly one JSON document out (``docs/agent-
 
 from __future__ import annotations
 
-from fleet_agent.protocol import SCHEMA, fail, ok
+from fleet.core.protocol import SCHEMA, fail, ok
 
 __all__ = ["AGENT_VERSION", "SCHEMA", "fail", "ok"]
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleet.core.mnn.session import GPU_BACKENDS
 from fleet_agent.candidates import fp16_arith, hardware_backends, probe_cpu_features
-from fleet_agent.engine import GPU_BACKENDS
 from fleet_agent.gpucache import scan_caches
 
 __all__ = ["RULES", "Finding", "Rule", "audit"]

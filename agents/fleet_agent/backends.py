@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fleet_agent.engine import GPU_BACKENDS, LoadedModel, RuntimeConfig, mnn, mnn_version
-from fleet_agent.fdcapture import capture_fds
+from fleet.core.mnn.fdcapture import capture_fds
+from fleet.core.mnn.session import GPU_BACKENDS, LoadedModel, RuntimeConfig, mnn, mnn_version
 
 __all__ = ["TRIED_BACKENDS", "build_backend_details", "build_cpu_kernels",
            "detect_build_backends"]

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fleet_agent.engine import GPU_BACKENDS, RuntimeConfig
+from fleet.core.mnn.session import GPU_BACKENDS, RuntimeConfig
 
 __all__ = [
     "GPU_THREADS",

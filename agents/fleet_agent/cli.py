@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
+from fleet.core.protocol import decode_args, fail, ok
 from fleet_agent.context import AgentContext
-from fleet_agent.protocol import decode_args, fail, ok
 
 __all__ = ["VERBS", "dispatch", "main"]
 
@@ -31,10 +31,10 @@ VERBS: dict[str, str] = {
     "bench": "fleet_agent.verbs_install:bench",
     "audit": "fleet_agent.verbs_install:audit",
     "serve": "fleet_agent.serve:serve",
-    "lora add": "fleet_agent.lora:lora_add",
-    "lora swap": "fleet_agent.lora:lora_swap",
-    "lora remove": "fleet_agent.lora:lora_remove",
-    "lora list": "fleet_agent.lora:lora_list",
+    "lora add": "fleet_agent.lora_packs:lora_add",
+    "lora swap": "fleet_agent.lora_packs:lora_swap",
+    "lora remove": "fleet_agent.lora_packs:lora_remove",
+    "lora list": "fleet_agent.lora_packs:lora_list",
     "lora serve": "fleet_agent.serve_ctl:serve_start",
     "lora generate": "fleet_agent.serve_ctl:generate",
 }

@@ -28,13 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from fleet.artifacts.golden import Golden, synth_inputs
-from fleet.errors import InvalidModelError, UsageError
-from fleet_agent import gpucache
-from fleet_agent.backends import build_backend_details
-from fleet_agent.candidates import Candidate, enumerate_candidates
-from fleet_agent.compare import Thresholds, compare_samples
-from fleet_agent.engine import (
+from fleet.core.compare import Thresholds, compare_samples
+from fleet.core.errors import InvalidModelError, UsageError
+from fleet.core.golden import Golden, synth_inputs
+from fleet.core.mnn.fdcapture import capture_fds
+from fleet.core.mnn.session import (
     LoadedModel,
     RuntimeConfig,
     current_rss_bytes,
@@ -42,7 +40,9 @@ from fleet_agent.engine import (
     monotonic_ns,
     peak_rss_bytes,
 )
-from fleet_agent.fdcapture import capture_fds
+from fleet_agent import gpucache
+from fleet_agent.backends import build_backend_details
+from fleet_agent.candidates import Candidate, enumerate_candidates
 from fleet_agent.policy import Pick, pick
 
 __all__ = ["HEALTH_SCHEMA", "CandidateResult", "HealthReport", "detect_weight_quant",

@@ -9,8 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleet import errors
-from fleet.artifacts.keyid import fingerprint_public_key
+from fleet.core import errors
+from fleet.core.package.keyid import fingerprint_public_key
 
 __all__ = ["load_device_key", "load_or_create_device_key", "public_pem"]
 

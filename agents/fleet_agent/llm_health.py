@@ -2,7 +2,7 @@
 outputs, time greedy decoding per candidate, pick the fastest that is correct.
 
 The payload is decrypted into sealed memfds and MNN-LLM reads them through a private folder
-of symbolic links to ``/proc/self/fd/N`` (``fleet_agent.lora.LinkDir``): no plaintext on
+of symbolic links to ``/proc/self/fd/N`` (``fleet_agent.lora_packs.LinkDir``): no plaintext on
 disk. This wheel has only the CPU backend, so candidates differ in threads and in memory
 mode (``low`` keeps the int8 weights packed and quantizes activations at run time).
 """
@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
+from fleet.core.mnn.session import RuntimeConfig
 from fleet_agent.context import AgentContext
-from fleet_agent.engine import RuntimeConfig
 from fleet_agent.policy import Pick
 
 __all__ = ["llm_health"]
@@ -38,7 +38,7 @@ def llm_health(ctx: AgentContext, opened: Any, *, probe: Mapping[str, Any],
     """``opened``: the store's ``OpenedPayload`` of an MNN-LLM package."""
     import json
 
-    from fleet_agent.lora import LinkDir, Reference
+    from fleet_agent.lora_packs import LinkDir, Reference
 
     manifest = opened.manifest
     facts = manifest.mnn or {}
@@ -93,7 +93,7 @@ def llm_health(ctx: AgentContext, opened: Any, *, probe: Mapping[str, Any],
 
 def _measure(config_path: str, cfg: RuntimeConfig, reference: Any, iterations: int
              ) -> dict[str, Any]:
-    from fleet_agent.lora import check_reference
+    from fleet_agent.lora_packs import check_reference
     from fleet_agent.serve import _load_llm
 
     row: dict[str, Any] = {"label": cfg.label(), "config": cfg.to_dict(),

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fleet_agent.engine import RuntimeConfig
+from fleet.core.mnn.session import RuntimeConfig
 
 __all__ = ["NOISE_MARGIN", "Measured", "Pick", "pick"]
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 from fleet_agent.context import AgentContext
 
 __all__ = [

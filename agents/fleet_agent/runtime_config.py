@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fleet.errors import StoreError
-from fleet_agent.engine import RuntimeConfig
+from fleet.core.errors import StoreError
+from fleet.core.mnn.session import RuntimeConfig
 from fleet_agent.policy import Pick
 
 __all__ = ["LLM_KEYS", "RUNTIME_FILE", "RUNTIME_SCHEMA", "is_llm_folder",
@@ -147,7 +147,7 @@ def read_runtime_config(target: Path) -> dict[str, Any] | None:
 
 def _normalise(view: Mapping[str, Any]) -> dict[str, Any]:
     """Names for every field that can be read; a value pymnn would ignore becomes None."""
-    from fleet_agent.engine import (
+    from fleet.core.mnn.session import (
         BACKEND_CODES,
         MEMORY_MODES,
         POWER_MODES,

@@ -15,7 +15,7 @@ The adapter being served is persisted (temp file + rename) after every swap; a r
 daemon loads the base, re-checks that adapter and serves it again.
 
 Model sources: ``model`` (a package in the device store, decrypted into memfds and opened
-through a folder of links, see :class:`fleet_agent.lora.LinkDir`) or ``model_dir`` (a plain
+through a folder of links, see :class:`fleet_agent.lora_packs.LinkDir`) or ``model_dir`` (a plain
 folder, for development and the fixtures). Protocol: :mod:`fleet_agent.serve_protocol`.
 """
 
@@ -35,12 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
-from fleet_agent import lora as L
+from fleet.core import errors
+from fleet_agent import lora_packs as L
 from fleet_agent.context import AgentContext
 from fleet_agent.serve_protocol import decode, encode, error_doc
 
-__all__ = ["Adapter", "Engine", "ServeServer", "open_engine", "serve"]
+__all__ = ["Adapter", "LlmEngine", "ServeServer", "open_engine", "serve"]
 
 log = logging.getLogger("fleet_agent.serve")
 STATE_SCHEMA = "fleet.serve/1"
@@ -68,7 +68,7 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Engine:
+class LlmEngine:
     """The base model, the current adapter pointer, and the swap procedure."""
 
     def __init__(self, llm: Any, *, links: L.LinkDir, base_info: dict[str, Any],
@@ -172,7 +172,7 @@ class Engine:
             label, rel, ref, info = self._open(spec, closers)
             t0 = time.perf_counter()
             with self._engine:
-                from fleet_agent.fdcapture import capture_fds
+                from fleet.core.mnn.fdcapture import capture_fds
 
                 with capture_fds() as cap:
                     model = self.llm._c_obj.create_lora(rel)
@@ -225,7 +225,7 @@ class Engine:
         m = opened.manifest
         if m.kind != "lora":
             raise errors.UsageError(f"{name} v{version} is a {m.kind} package, not a LoRA")
-        from fleet.artifacts import check_base_binding
+        from fleet.core.package import check_base_binding
 
         check_base_binding(m, self.base_manifest)
         ref_path = opened.paths.get(m.golden or L.REFERENCE_FILE)
@@ -340,7 +340,7 @@ def _newest_version(ctx: AgentContext, name: str) -> int:
 def _load_llm(config_path: str, overrides: dict[str, Any]) -> Any:
     import MNN.llm as mllm
 
-    from fleet_agent.fdcapture import capture_fds
+    from fleet.core.mnn.fdcapture import capture_fds
 
     with capture_fds() as cap:
         llm = mllm.create(config_path)
@@ -357,7 +357,7 @@ def _load_llm(config_path: str, overrides: dict[str, Any]) -> Any:
 
 def open_engine(ctx: AgentContext, *, model: str | None = None, model_dir: str | None = None,
                 state_file: Path | None = None, config: dict[str, Any] | None = None
-                ) -> Engine:
+                ) -> LlmEngine:
     """Load the base (from the store, or a plain folder) and restore the served adapter."""
     links = L.LinkDir(ctx.root / "run")
     closers: list[Callable[[], None]] = []
@@ -383,7 +383,7 @@ def open_engine(ctx: AgentContext, *, model: str | None = None, model_dir: str |
                     "quant_bits": facts.get("quant_bits"),
                     "quant_block": facts.get("quant_block")}
             llm = _load_llm(str(links.path / "config.json"), config or {})
-            engine = Engine(llm, links=links, base_info=info, base_manifest=m, store=store,
+            engine = LlmEngine(llm, links=links, base_info=info, base_manifest=m, store=store,
                             state_file=state_file, closers=closers)
         elif model_dir:
             folder = Path(model_dir).resolve()
@@ -396,7 +396,7 @@ def open_engine(ctx: AgentContext, *, model: str | None = None, model_dir: str |
                     links.link(p.name, str(p))
             info = {**L.dir_base_facts(folder, cfg), "source": "dir", "path": str(folder)}
             llm = _load_llm(str(links.path / "config.json"), config or {})
-            engine = Engine(llm, links=links, base_info=info, state_file=state_file,
+            engine = LlmEngine(llm, links=links, base_info=info, state_file=state_file,
                             closers=closers)
         else:
             raise errors.UsageError("serve needs model (a store package) or model_dir")
@@ -436,7 +436,7 @@ class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, path: Path, engine: Engine) -> None:
+    def __init__(self, path: Path, engine: LlmEngine) -> None:
         self.engine = engine
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

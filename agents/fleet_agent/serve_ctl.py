@@ -13,9 +13,9 @@ import sys
 import time
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 from fleet_agent.context import AgentContext
-from fleet_agent.lora import serve_socket
+from fleet_agent.lora_packs import serve_socket
 
 __all__ = ["generate", "serve_start"]
 

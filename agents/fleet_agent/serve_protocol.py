@@ -16,7 +16,7 @@ send many). ``docs/serve-protocol.md`` is the reference; in short::
     {"op": "status"} -> {"ok": true, "adapter": ..., "base": {...}, "served": n, ...}
 
 Errors are data, as in the agent protocol: ``{"ok": false, "error": {"code", "type",
-"message", "details"}}``; the codes are ``fleet.errors`` codes, so :func:`call` raises the
+"message", "details"}}``; the codes are ``fleet.core.errors`` codes, so :func:`call` raises the
 same class on the client side.
 """
 
@@ -27,7 +27,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = ["MAX_LINE", "OPS", "ServeClient", "call", "decode", "encode", "error_doc"]
 

@@ -33,8 +33,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fleet import errors
-from fleet.artifacts import (
+from fleet.core import errors
+from fleet.core.filelock import exclusive
+from fleet.core.package import (
     Limits,
     Manifest,
     ModelState,
@@ -47,7 +48,6 @@ from fleet.artifacts import (
     open_header,
     verify_rollback_order,
 )
-from fleet.filelock import exclusive
 from fleet_agent.context import AgentContext
 from fleet_agent.identity import load_device_key
 from fleet_agent.unpack import OpenedPayload, open_in_memory

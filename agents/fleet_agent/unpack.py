@@ -25,8 +25,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fleet import errors
-from fleet.artifacts import Limits, Manifest, decrypt_package
+from fleet.core import errors
+from fleet.core.package import Limits, Manifest, decrypt_package
 
 __all__ = ["OpenedPayload", "open_in_memory", "tmpfs_dir"]
 

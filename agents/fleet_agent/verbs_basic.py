@@ -7,7 +7,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 from fleet_agent import AGENT_VERSION
 from fleet_agent.context import AgentContext
 from fleet_agent.identity import load_or_create_device_key, public_pem

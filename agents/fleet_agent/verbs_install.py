@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 from fleet_agent.context import AgentContext
 
 __all__ = ["activate", "audit", "bench", "rollback", "stage"]
@@ -81,7 +81,7 @@ def _summary(name: str, version: int, digest: str, health: dict[str, Any],
 
 def _health(ctx: AgentContext, store: Any, name: str, version: int, args: dict[str, Any],
             probe: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from fleet.artifacts.golden import Golden
+    from fleet.core.golden import Golden
     from fleet_agent.healthbench import health_check
     from fleet_agent.runtime_config import read_runtime_config
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fleet.artifacts import Recipient, build_package, parse_header, unwrap_data_key
-from fleet.artifacts.chunks import chunk_aad, chunk_nonce
+from fleet.artifacts import build_package
 from fleet.artifacts.keys import public_pem
-from fleet.artifacts.recipients import derive_kek
+from fleet.core.package import Recipient, parse_header, unwrap_data_key
+from fleet.core.package.chunks import chunk_aad, chunk_nonce
+from fleet.core.package.recipients import derive_kek
 
 HERE = Path(__file__).resolve().parent
 

@@ -18,18 +18,18 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fleet import errors
-from fleet.artifacts._canonical import parse_canonical
-from fleet.artifacts.chunks import encrypt_chunks
-from fleet.artifacts.keyid import fingerprint_public_key
-from fleet.artifacts.layout import encode_header, parse_header, read_header_bytes
-from fleet.artifacts.limits import DEFAULT_CHUNK_SIZE, Limits
-from fleet.artifacts.manifest import FileEntry, Manifest
-from fleet.artifacts.orders import default_sequence
-from fleet.artifacts.recipients import Recipient, wrap_data_key
-from fleet.artifacts.verify import verify_manifest
+from fleet.core import errors
+from fleet.core.package.canonical import parse_canonical
+from fleet.core.package.chunks import encrypt_chunks
+from fleet.core.package.keyid import fingerprint_public_key
+from fleet.core.package.layout import encode_header, parse_header, read_header_bytes
+from fleet.core.package.limits import DEFAULT_CHUNK_SIZE, Limits
+from fleet.core.package.manifest import FileEntry, Manifest
+from fleet.core.package.orders import default_sequence
+from fleet.core.package.recipients import Recipient, wrap_data_key
+from fleet.core.package.verify import verify_manifest
 
-__all__ = ["base_binding", "build_package", "file_sha256", "read_manifest"]
+__all__ = ["base_binding", "build_package", "read_manifest"]
 
 _HASH_BLOCK = 1 << 20
 
@@ -44,13 +44,6 @@ def _hash_into(path: str | os.PathLike[str], hashers: Sequence[Any],
                 h.update(view[:n])
             if progress is not None:
                 progress(n)
-
-
-def file_sha256(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
-                ) -> str:
-    h = hashlib.sha256()
-    _hash_into(path, [h], progress)
-    return h.hexdigest()
 
 
 class _Concat:

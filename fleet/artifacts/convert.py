@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.errors import ConversionError, ModelError, UsageError
+from fleet.core.errors import ConversionError, ModelError, UsageError
 
 __all__ = ["CONVERT_TOLERANCE", "VARIANTS", "ConvertResult", "convert_model", "mnnconvert"]
 
@@ -55,10 +55,10 @@ class ConvertResult:
 
 def mnnconvert(argv: list[str]) -> list[str]:
     """Run MNN's converter in-process with its prints captured; returns the log lines."""
-    from fleet_agent.fdcapture import capture_fds
+    from fleet.core.mnn.fdcapture import capture_fds
 
     with capture_fds() as cap:
-        from fleet_agent.engine import mnn
+        from fleet.core.mnn.session import mnn
 
         mnn()  # import MNN quietly first: _tools shares its library
         import _tools
@@ -79,7 +79,7 @@ def _run_converter(src: Path, dst: Path, fmt: str, flags: list[str], biz_code: s
 
 
 def _mnn_outputs(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from fleet_agent.engine import LoadedModel, RuntimeConfig
+    from fleet.core.mnn.session import LoadedModel, RuntimeConfig
 
     shapes = {k: tuple(v.shape) for k, v in feeds.items()}
     try:
@@ -120,7 +120,8 @@ def _errors_vs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
 def _onnx_check(src: Path, mnn_path: Path, input_spec: Mapping[str, Any] | None, seed: int,
                 samples: int = 2) -> tuple[dict[str, Any], list[dict[str, np.ndarray]],
                                            list[dict[str, np.ndarray]]]:
-    from fleet.artifacts.golden import Golden, make_golden
+    from fleet.artifacts.reference import make_golden
+    from fleet.core.golden import Golden
 
     golden = Golden.load(make_golden(src, n=samples, seed=seed, input_spec=input_spec))
     worst = 0.0
@@ -187,7 +188,8 @@ def convert_model(src: str | Path, dst: str | Path, *, variant: str | None = Non
 def _finite_check(path: Path, input_spec: Mapping[str, Any] | None, seed: int
                   ) -> dict[str, Any]:
     """No reference runtime (TFLite): the conversion must load and give finite outputs."""
-    from fleet.artifacts.golden import Golden, make_golden
+    from fleet.artifacts.reference import make_golden
+    from fleet.core.golden import Golden
 
     golden = Golden.load(make_golden(path, n=1, seed=seed, input_spec=input_spec))
     finite = all(np.all(np.isfinite(np.asarray(v, np.float64)))

@@ -14,12 +14,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fleet import errors
-from fleet.artifacts.keyid import fingerprint_public_key
+from fleet.core import errors
+from fleet.core.package.keyid import fingerprint_public_key
 from fleet.home import FleetHome
 
-__all__ = ["SigningKeyInfo", "init_signing_key", "key_info", "load_signing_key",
-           "load_trusted_public_key", "public_pem"]
+__all__ = ["SigningKeyInfo", "init_signing_key", "key_info", "load_signing_key", "public_pem"]
 
 
 @dataclass(frozen=True)
@@ -93,16 +92,4 @@ def load_signing_key(home_or_path: FleetHome | Path) -> ed25519.Ed25519PrivateKe
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise errors.KeyMaterialError(f"signing key {path} is not an Ed25519 key",
                                       path=str(path))
-    return key
-
-
-def load_trusted_public_key(pem: str | bytes) -> ed25519.Ed25519PublicKey:
-    """The controller's public key as a device pins it (PEM SubjectPublicKeyInfo)."""
-    data = pem.encode() if isinstance(pem, str) else pem
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise errors.KeyMaterialError("pinned controller key is not a valid PEM key") from exc
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise errors.KeyMaterialError("pinned controller key is not an Ed25519 key")
     return key

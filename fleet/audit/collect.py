@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet import errors
 from fleet.connect import open_device
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Device, Registry
 from fleet.registry import history as hist

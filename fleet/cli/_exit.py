@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = ["EXIT_CODES", "exit_code_for"]
 

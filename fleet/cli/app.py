@@ -1,6 +1,6 @@
 """``fleet``: the controller CLI. Subcommand groups live in their own modules.
 
-Every :class:`fleet.errors.FleetError` that escapes a command is printed on stderr as one
+Every :class:`fleet.core.errors.FleetError` that escapes a command is printed on stderr as one
 line and becomes the exit code from the single table in :mod:`fleet.cli._exit`.
 """
 
@@ -13,10 +13,10 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from fleet import errors
 from fleet.cli._ctx import CliState, set_state
 from fleet.cli._exit import exit_code_for
 from fleet.cli._output import err
+from fleet.core import errors
 from fleet.home import FleetHome
 
 __all__ = ["app", "main"]

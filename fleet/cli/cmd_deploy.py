@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fleet import errors
 from fleet.cli._ctx import state
 from fleet.cli._exit import PARTIAL_FAILURE
 from fleet.cli._output import emit, err, table
@@ -16,6 +15,7 @@ from fleet.cli._progress import fanout_progress
 from fleet.cli.app import app
 from fleet.cli.cmd_device import enroll_device
 from fleet.connect import open_device
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Device, Registry
 from fleet.rollout.deploy import DeviceResult, run_deployment
@@ -174,7 +174,8 @@ def rollback(
     devs = targets(reg, group, device)
     order = None
     if to is not None:
-        from fleet.artifacts import load_signing_key, sign_rollback_order
+        from fleet.artifacts import load_signing_key
+        from fleet.core.package.orders import sign_rollback_order
         order = sign_rollback_order(load_signing_key(home), name=name, version=to,
                                     devices=[d.fingerprint for d in devs if d.fingerprint])
 

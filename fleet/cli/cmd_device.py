@@ -8,11 +8,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fleet import errors
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, emit_ndjson, err, table
 from fleet.cli.app import app
 from fleet.connect import controller_public_pem, open_device
+from fleet.core import errors
 from fleet.registry import Device, Registry
 from fleet.transports.uri import parse_uri
 

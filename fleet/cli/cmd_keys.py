@@ -9,11 +9,11 @@ import typer
 from rich.console import Console
 from sqlmodel import select
 
-from fleet import errors
 from fleet.artifacts.keys import SigningKeyInfo, init_signing_key, key_info, load_signing_key
 from fleet.cli._ctx import state
 from fleet.cli._output import emit
 from fleet.cli.app import app
+from fleet.core import errors
 from fleet.home import FleetHome
 
 keys_app = typer.Typer(help="The controller's signing key (Ed25519, 0600, never in the "

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fleet import errors
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, err, table
 from fleet.cli.app import app
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.lab import installed_kinds, kind_module
 from fleet.lab.base import register_devices, unregister_devices

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fleet import errors
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, err, table
 from fleet.cli.app import app
+from fleet.core import errors
 from fleet.registry import Device, Registry
 
 lora_app = typer.Typer(help="LoRA adapters: package, push, hot-swap, roll back.",
@@ -43,7 +43,7 @@ def _render_rows(title: str) -> Any:
 
 def _run(verb: str, args: dict[str, Any], group: list[str], device: list[str], *,
          pack: Path | None = None, as_json: bool, title: str) -> None:
-    from fleet.lora import lora_fanout
+    from fleet.rollout.lora_push import lora_fanout
 
     home = state().home
     reg = Registry.open(home)
@@ -80,7 +80,7 @@ def package(
     as_json: JsonOpt = False,
 ) -> None:
     """Bind LORA to its base export, sign and encrypt it for the devices."""
-    from fleet.lora import build_lora_pack
+    from fleet.rollout.lora_push import build_lora_pack
 
     home = state().home
     reg = Registry.open(home)
@@ -120,7 +120,7 @@ def swap(
     as_json: JsonOpt = False,
 ) -> None:
     """Hot-swap the adapter the devices serve (checked on each device first)."""
-    from fleet.lora import parse_ref
+    from fleet.rollout.lora_push import parse_ref
 
     args: dict[str, Any]
     if name == "base":
@@ -157,7 +157,7 @@ def check(
     """Run a reference's prompts on the devices' daemons; say which outputs match it."""
     import json
 
-    from fleet.lora import lora_fanout
+    from fleet.rollout.lora_push import lora_fanout
 
     ref = json.loads(reference.read_text())
     home = state().home
@@ -205,7 +205,7 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """Which adapter each device serves (registry), or what is staged there (--live)."""
-    from fleet.lora import lora_state
+    from fleet.rollout.lora_push import lora_state
 
     if live:
         _run("lora list", {}, group, device, as_json=as_json, title="lora list")

@@ -19,19 +19,15 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from fleet import errors
-from fleet.artifacts import (
-    Recipient,
-    base_binding,
-    build_package,
-    file_sha256,
-    load_signing_key,
-    read_manifest,
-)
-from fleet.artifacts.keys import load_trusted_public_key, public_pem
+from fleet.artifacts import base_binding, build_package, load_signing_key, read_manifest
+from fleet.artifacts.keys import public_pem
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, err, table
 from fleet.cli.app import app
+from fleet.core import errors
+from fleet.core.fsutil import sha256_file
+from fleet.core.package import Recipient
+from fleet.core.package.keyid import load_trusted_public_key
 from fleet.registry import Device, Registry
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -96,7 +92,7 @@ def _prepare(model: Path, work: Path, *, name: str, variant: str | None,
         entry = _pick_entry(files, entry)
     elif suffix in (".onnx", ".tflite"):
         from fleet.artifacts.convert import convert_model
-        from fleet.artifacts.golden import make_golden
+        from fleet.artifacts.reference import make_golden
 
         converted = work / f"{name}.mnn"
         err.print(f"converting {model.name} ({variant or 'fp32'})")
@@ -171,7 +167,7 @@ def package(
                                          recipients=recipients, signing_key=signing_key,
                                          entry=entry_name, mnn_facts=facts, base=binding,
                                          golden=golden_name, progress=progress)
-        pkg_sha = file_sha256(out)
+        pkg_sha = sha256_file(out)
         history.record_artifact(reg, name=name, kind=kind, version=ver, digest=manifest.sha256,
                                 package_sha256=pkg_sha, size=out.stat().st_size,
                                 path=str(out.resolve()), manifest=manifest.to_dict())

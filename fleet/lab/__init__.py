@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from fleet import errors
+from fleet.core import errors
 from fleet.lab.base import LabDevice
 
 __all__ = ["KINDS", "LabDevice", "installed_kinds", "kind_module"]

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.lab.android_sandbox import write_layout
 from fleet.lab.base import LabDevice, lab_tag, load_state, save_state, shared_agent_cmd

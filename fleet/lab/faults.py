@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.lab import iot, netns
 

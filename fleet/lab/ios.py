@@ -32,7 +32,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from fleet import errors
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.lab.base import LabDevice, load_state, save_state
 from fleet.lab.lockdown import HostIdentity, make_device_key, make_host_identity, make_pair_record

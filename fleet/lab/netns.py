@@ -1,6 +1,6 @@
 """Thin, bounded wrappers over ``ip``, ``tc`` and ``nft`` for the IoT lab.
 
-Every call has a timeout; failures become :class:`fleet.errors.LabError` with the command
+Every call has a timeout; failures become :class:`fleet.core.errors.LabError` with the command
 and its stderr. Nothing here picks names or addresses: :mod:`fleet.lab.iot` does, and only
 ever passes the names it made.
 """
@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = [
     "add_veth_pair",

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from fleet import errors
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry.db import check_schema, make_engine, migrate
 from fleet.registry.models import Device, Group, Membership

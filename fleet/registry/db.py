@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = ["MIGRATIONS_DIR", "alembic_config", "check_schema", "make_engine", "migrate"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
 from fleet.connect import open_device
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Device, Registry
 from fleet.registry import history as hist

@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = ["Deadline", "FanOut", "Outcome", "TaskContext"]
 

@@ -19,8 +19,10 @@ from typing import Any
 
 from sqlmodel import select
 
-from fleet import errors
-from fleet.artifacts import Recipient, build_package, file_sha256, load_signing_key, read_manifest
+from fleet.artifacts import build_package, load_signing_key, read_manifest
+from fleet.core import errors
+from fleet.core.fsutil import sha256_file
+from fleet.core.package import Recipient
 from fleet.home import FleetHome
 from fleet.registry import Artifact, Device, Registry
 from fleet.registry import history as hist
@@ -68,7 +70,7 @@ def _version_for(reg: Registry, name: str, digest: str, requested: int | None) -
 
 def _payload_digest(files: list[tuple[str, Path]]) -> str:
     if len(files) == 1:
-        return file_sha256(files[0][1])
+        return sha256_file(files[0][1])
     h = hashlib.sha256()
     for _, p in files:
         with open(p, "rb") as f:
@@ -100,7 +102,7 @@ def prepare_job(home: FleetHome, reg: Registry, source: Path, devices: list[Devi
                             reference=golden, say=say, bench=bench or {}, activate=activate)
         if suffix in (".onnx", ".tflite"):
             from fleet.artifacts.convert import convert_model
-            from fleet.artifacts.golden import make_golden
+            from fleet.artifacts.reference import make_golden
             model = tmpdir / f"{name}.mnn"
             say(f"converting {source.name} ({variant or 'fp32'})")
             convert_model(source, model, variant=variant)
@@ -154,7 +156,7 @@ def _build_or_reuse(home: FleetHome, reg: Registry, files: list[tuple[str, Path]
         manifest = build_package(files, out, name=name, version=ver, kind="model",
                                  recipients=recipients, signing_key=load_signing_key(home),
                                  entry=entry, mnn_facts=facts, golden=golden)
-        pkg_sha = file_sha256(out)
+        pkg_sha = sha256_file(out)
         final = home.artifacts_dir / f"{name}-{ver}-{pkg_sha[:12]}.fpkg"
         shutil.move(str(out), final)
     art = hist.record_artifact(reg, name=name, kind="model", version=ver,
@@ -167,8 +169,8 @@ def _build_or_reuse(home: FleetHome, reg: Registry, files: list[tuple[str, Path]
 
 def _job_from_package(home: FleetHome, reg: Registry, source: Path, devices: list[Device],
                       bench: dict[str, Any], activate: bool) -> DeployJob:
-    from fleet.artifacts import load_trusted_public_key
     from fleet.connect import controller_public_pem
+    from fleet.core.package import load_trusted_public_key
 
     pub = controller_public_pem(home)
     manifest = read_manifest(source, load_trusted_public_key(pub) if pub else None)
@@ -177,7 +179,7 @@ def _job_from_package(home: FleetHome, reg: Registry, source: Path, devices: lis
         raise errors.NotRecipientError(
             f"package {source.name} was not made for: {', '.join(not_for)}; package the model "
             "again for these devices", devices=not_for)
-    pkg_sha = file_sha256(source)
+    pkg_sha = sha256_file(source)
     art = hist.record_artifact(reg, name=manifest.name, kind=manifest.kind,
                                version=manifest.version, digest=manifest.sha256,
                                package_sha256=pkg_sha, size=source.stat().st_size,

@@ -39,7 +39,7 @@ def split_waves(names: list[str], spec: str) -> list[list[str]]:
     """Cut the targets into waves: ``"1,25%,100%"`` means one device, then up to a quarter
     of the fleet in total, then the rest. Each step is a cumulative count or percentage;
     the last wave always takes whatever is left."""
-    from fleet import errors
+    from fleet.core import errors
 
     total = len(names)
     bounds: list[int] = []

@@ -20,8 +20,8 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fleet import errors
-from fleet.filelock import exclusive
+from fleet.core import errors
+from fleet.core.filelock import exclusive
 
 __all__ = [
     "KnownHosts",

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import io
 import os
 import shlex
+import shutil
 import socket
 import stat as stat_mod
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,7 +40,8 @@ from typing import Any
 import adbutils
 from adbutils.errors import AdbConnectionError, AdbError, AdbTimeout
 
-from fleet import errors
+from fleet.core import errors
+from fleet.core.fsutil import sha256_file
 from fleet.mailbox import AGENT_ARGV0, Mailbox
 from fleet.transports import adb_wire
 from fleet.transports.base import (
@@ -47,7 +51,6 @@ from fleet.transports.base import (
     TransferResult,
     Transport,
     TransportOptions,
-    sha256_file,
 )
 from fleet.transports.uri import parse_uri
 
@@ -58,19 +61,17 @@ _EXIT_MARK = "\x1bfleet-exit:"
 
 
 def probe_executable() -> Path | None:
-    """The host's ``fleet-probe`` build, if any (the agent package knows where it is)."""
-    try:
-        from fleet_agent.probe import probe_executable as find
-        found = find()
-        return Path(found) if found else None
-    except ImportError:
-        pass
-    import shutil
-    candidates = [Path(__file__).resolve().parents[2] / "agents/fleet_agent/bin/fleet-probe"]
+    """The host's ``fleet-probe`` build, if any: ``$FLEET_PROBE``, the installed agent
+    package's ``bin/`` (found by its import spec, without importing the agent), ``PATH``."""
+    candidates = [Path(p) for p in [os.environ.get("FLEET_PROBE")] if p]
+    spec = importlib.util.find_spec("fleet_agent")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        candidates.append(Path(loc) / "bin" / "fleet-probe")
+    candidates += [Path(e) / "fleet_agent" / "bin" / "fleet-probe" for e in sys.path if e]
     which = shutil.which("fleet-probe")
     if which:
         candidates.append(Path(which))
-    return next((c for c in candidates if c.is_file()), None)
+    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
 class AdbTransport(Transport):

@@ -3,20 +3,19 @@
 A transport moves bytes and runs commands; it knows nothing of packages or agents.
 Synchronous on purpose: concurrency lives in the fan-out executor only. Foreign
 exceptions (paramiko, adbutils, tidevice, OSError) are mapped at this boundary to the
-most specific :class:`fleet.errors.TransportError`, raised ``from`` the original.
+most specific :class:`fleet.core.errors.TransportError`, raised ``from`` the original.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = [
     "CommandResult",
@@ -25,7 +24,6 @@ __all__ = [
     "TransferResult",
     "Transport",
     "TransportOptions",
-    "sha256_file",
 ]
 
 #: ``progress(bytes_done, bytes_total)``; called from the transferring thread.
@@ -79,14 +77,6 @@ class TransportOptions:
     usbmux_socket: str | None = None
     mailbox_timeout: float = 60.0
     extra: dict[str, str] = field(default_factory=dict)
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Transport(ABC):

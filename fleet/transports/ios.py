@@ -5,14 +5,14 @@ app's sandbox through lockdownd -> ``com.apple.mobile.house_arrest`` -> AFC (rem
 are relative to the container, e.g. ``Documents/fleet/agent/...``); commands go through
 the mailbox (:mod:`fleet.mailbox`): a request document in ``Documents/fleet/inbox``, the
 app's answer awaited in ``Documents/fleet/outbox`` until a deadline, an unanswered request
-raised as :class:`fleet.errors.MailboxPendingError`, never reported as success.
+raised as :class:`fleet.core.errors.MailboxPendingError`, never reported as success.
 
 tidevice does the wire work (usbmuxd, lockdown plists, TLS, AFC packets); this module
 adds what a fleet needs on top: it never pairs on its own (a missing or refused pair
-record is an :class:`~fleet.errors.AuthError`: pairing needs a person to tap "Trust"),
+record is an :class:`~fleet.core.errors.AuthError`: pairing needs a person to tap "Trust"),
 never falls back to mounting a DeveloperDiskImage (tidevice's ``start_service`` would
 try to download one), keeps the TLS key file private (0600, removed on close), and maps
-every tidevice exception to a :class:`~fleet.errors.TransportError`. tidevice does not
+every tidevice exception to a :class:`~fleet.core.errors.TransportError`. tidevice does not
 fully support iOS 17+ (RemoteXPC/tunnels); a pymobiledevice3 transport can sit beside this
 one behind the same :class:`~fleet.transports.base.Transport` protocol.
 
@@ -46,7 +46,8 @@ from tidevice._sync import Sync
 from tidevice.exceptions import MuxError, MuxReplyError, MuxServiceError, SocketError
 from tidevice.session import Session
 
-from fleet import errors
+from fleet.core import errors
+from fleet.core.fsutil import sha256_file
 from fleet.mailbox import Mailbox, decode_response, encode_request
 from fleet.transports.base import (
     CommandResult,
@@ -55,7 +56,6 @@ from fleet.transports.base import (
     TransferResult,
     Transport,
     TransportOptions,
-    sha256_file,
 )
 from fleet.transports.uri import parse_uri
 

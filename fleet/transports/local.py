@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from fleet import errors
+from fleet.core import errors
 from fleet.transports.base import (
     CommandResult,
     ProgressCallback,
@@ -98,7 +98,7 @@ class LocalTransport(Transport):
         with self.mapped_errors(f"pull {remote}"):
             shutil.copyfile(remote, local)
         size = local.stat().st_size
-        from fleet.transports.base import sha256_file
+        from fleet.core.fsutil import sha256_file
         return TransferResult(str(local), remote, size, size, 0, sha256_file(local),
                               time.monotonic() - start)
 

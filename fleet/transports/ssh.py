@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import paramiko
 
-from fleet import errors
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.transports._known_hosts import (
     KnownHosts,

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = ["KNOWN_SCHEMES", "DeviceUri", "parse_uri"]
 

@@ -96,7 +96,7 @@ def build(out_dir: Path = HERE) -> dict[str, Path]:
     """Write the ONNX, MNN and golden files into ``out_dir``; return their paths."""
     sys.path.insert(0, str(HERE.parents[1]))
     from fleet.artifacts.convert import convert_model
-    from fleet.artifacts.golden import make_golden
+    from fleet.artifacts.reference import make_golden
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

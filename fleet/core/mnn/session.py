@@ -4,7 +4,7 @@ Why a wrapper at all:
 - pymnn prints to the process's stdout from C++ (``import MNN`` prints a CPU feature line,
   a missing backend prints ``Can't Find type=N backend, use 0 instead``), and the agent's
   stdout carries its one JSON document. Every call into MNN here runs under
-  :func:`fleet_agent.fdcapture.capture_fds`, and the captured lines are kept as evidence.
+  :func:`fleet.core.mnn.fdcapture.capture_fds`, and the captured lines are kept as evidence.
 - pymnn silently ignores ``memory``/``power`` given as strings (FIELD-NOTES 5): this module
   is the one place that turns names into the integers pymnn needs.
 - The *effective* backend is what matters, not the requested one (FIELD-NOTES 2): each
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from fleet.errors import InvalidModelError, UsageError
-from fleet_agent.fdcapture import capture_fds
+from fleet.core.errors import InvalidModelError, UsageError
+from fleet.core.mnn.fdcapture import capture_fds
 
 __all__ = [
     "BACKEND_CODES",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 
 __all__ = ["canonical_bytes", "parse_canonical"]
 

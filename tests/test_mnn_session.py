@@ -1,4 +1,4 @@
-"""Engine on the real pymnn wheel: quiet import, integer configs, fallback detection."""
+"""MNN session adapter on the real pymnn wheel: quiet import, integer configs, fallbacks."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fleet_agent.backends import build_backend_details, build_cpu_kernels, detect_build_backends
-from fleet_agent.engine import LoadedModel, RuntimeConfig, parse_fallbacks
-from fleet_agent.fdcapture import capture_fds
 
-from fleet.errors import InvalidModelError, UsageError
+from fleet.core.errors import InvalidModelError, UsageError
+from fleet.core.mnn.fdcapture import capture_fds
+from fleet.core.mnn.session import LoadedModel, RuntimeConfig, parse_fallbacks
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny" / "tiny.mnn"
 
@@ -29,7 +29,7 @@ def test_capture_fds_sees_c_level_writes_on_both_descriptors() -> None:
 
 def test_import_mnn_keeps_agent_stdout_clean() -> None:
     # pymnn prints a CPU feature line to fd 1 at import; the agent's stdout is its JSON.
-    code = ("from fleet_agent.engine import mnn_version; import json; "
+    code = ("from fleet.core.mnn.session import mnn_version; import json; "
             "print(json.dumps({'v': mnn_version()}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

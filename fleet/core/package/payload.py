@@ -16,13 +16,13 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fleet import errors
-from fleet.artifacts.chunks import decrypt_chunks, payload_length
-from fleet.artifacts.layout import parse_header, read_header_bytes
-from fleet.artifacts.limits import Limits
-from fleet.artifacts.manifest import Manifest
-from fleet.artifacts.recipients import unwrap_data_key
-from fleet.artifacts.verify import ModelState, RollbackAllowance, verify_manifest
+from fleet.core import errors
+from fleet.core.package.chunks import decrypt_chunks, payload_length
+from fleet.core.package.layout import parse_header, read_header_bytes
+from fleet.core.package.limits import Limits
+from fleet.core.package.manifest import Manifest
+from fleet.core.package.recipients import unwrap_data_key
+from fleet.core.package.verify import ModelState, RollbackAllowance, verify_manifest
 
 __all__ = ["OpenedHeader", "PayloadChecker", "decrypt_package", "open_header"]
 
@@ -90,7 +90,7 @@ def open_header(f: BinaryIO, trusted_signer: ed25519.Ed25519PublicKey,
                 limits: Limits | None = None, allowance: RollbackAllowance | None = None,
                 ) -> OpenedHeader:
     """Read and verify the header; unwrap the data key when a device key is given."""
-    from fleet.artifacts.keyid import fingerprint_public_key
+    from fleet.core.package.keyid import fingerprint_public_key
 
     limits = limits or Limits()
     if device_key is not None and device_fingerprint is None:

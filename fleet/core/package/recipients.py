@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from fleet import errors
-from fleet.artifacts.keyid import fingerprint_public_key
-from fleet.artifacts.manifest import WrappedKey
+from fleet.core import errors
+from fleet.core.package.keyid import fingerprint_public_key
+from fleet.core.package.manifest import WrappedKey
 
 __all__ = ["Recipient", "derive_kek", "unwrap_data_key", "wrap_data_key"]
 

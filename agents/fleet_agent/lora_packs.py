@@ -28,11 +28,10 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet import errors
+from fleet.core import errors
 from fleet_agent.context import AgentContext
 
 __all__ = [
@@ -53,54 +52,7 @@ __all__ = [
     "write_json_atomic",
 ]
 
-REFERENCE_SCHEMA = "fleet.lora-reference/1"
-#: Payload names inside a LoRA pack.
-LORA_FILE = "lora.mnn"
-REFERENCE_FILE = "reference.json"
-_MAX_PROMPTS = 64
-_MAX_TOKENS = 4096
-
-
-# -- reference outputs ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Reference:
-    """Prompt token ids and the greedy tokens the adapter must produce for each."""
-
-    prompts: tuple[tuple[int, ...], ...]
-    expected: tuple[tuple[int, ...], ...]
-    max_new_tokens: int
-    export: dict[str, Any]
-
-    @classmethod
-    def from_dict(cls, doc: Any) -> Reference:
-        if not isinstance(doc, dict):
-            raise errors.FormatError("reference must be a JSON object")
-        prompts, expected = doc.get("prompts"), doc.get("expected")
-        n = doc.get("max_new_tokens")
-
-        def ids(v: Any, what: str) -> tuple[int, ...]:
-            if not isinstance(v, list) or not v or len(v) > _MAX_TOKENS \
-                    or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                               for t in v):
-                raise errors.FormatError(f"reference {what} must be non-empty token id lists")
-            return tuple(v)
-
-        if not isinstance(prompts, list) or not isinstance(expected, list) \
-                or not prompts or len(prompts) != len(expected) or len(prompts) > _MAX_PROMPTS:
-            raise errors.FormatError("reference needs as many expected lists as prompts")
-        if not isinstance(n, int) or not 0 < n <= _MAX_TOKENS:
-            raise errors.FormatError("reference max_new_tokens must be a positive integer")
-        exp = tuple(ids(e, "expected") for e in expected)
-        if any(len(e) != n for e in exp):
-            raise errors.FormatError("each expected list must hold max_new_tokens ids")
-        raw_export = doc.get("export")
-        export: dict[str, Any] = dict(raw_export) if isinstance(raw_export, dict) else {}
-        return cls(tuple(ids(p, "prompts") for p in prompts), exp, n, export)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema": REFERENCE_SCHEMA, "prompts": [list(p) for p in self.prompts],
-                "expected": [list(e) for e in self.expected],
-                "max_new_tokens": self.max_new_tokens, "export": self.export}
+from fleet.core.lora_reference import REFERENCE_FILE, REFERENCE_SCHEMA, Reference
 
 
 def check_reference(generate: Callable[[list[int], int], list[int]], ref: Reference, *,
@@ -132,7 +84,7 @@ def _sha256(path: Path) -> str:
 def dir_base_facts(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The binding facts of a plain model folder (``--model-dir``): digests of the files
     ``config.json`` names, and the weight quantization read from ``llm.mnn``."""
-    from fleet.artifacts.mnninfo import inspect_weights
+    from fleet.core.mnn.weights import inspect_weights
 
     model = model_dir / str(config.get("llm_model", "llm.mnn"))
     weight = model_dir / str(config.get("llm_weight", "llm.mnn.weight"))

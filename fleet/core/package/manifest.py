@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet import errors
-from fleet.artifacts._canonical import canonical_bytes
+from fleet.core import errors
+from fleet.core.package.canonical import canonical_bytes
 
 __all__ = ["CIPHER", "KEY_WRAP", "KINDS", "MANIFEST_TYPE", "FileEntry", "Manifest",
            "WrappedKey", "chunk_count"]

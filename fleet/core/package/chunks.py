@@ -26,8 +26,8 @@ from typing import Any, BinaryIO, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fleet import errors
-from fleet.artifacts.manifest import chunk_count
+from fleet.core import errors
+from fleet.core.package.manifest import chunk_count
 
 __all__ = ["TAG_SIZE", "chunk_aad", "chunk_nonce", "decrypt_chunks", "encrypt_chunks",
            "payload_length"]

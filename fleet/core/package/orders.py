@@ -22,12 +22,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fleet import errors
-from fleet.artifacts._canonical import canonical_bytes
-from fleet.artifacts.keyid import fingerprint_public_key
-from fleet.artifacts.layout import SIG_ED25519
-from fleet.artifacts.manifest import Manifest
-from fleet.artifacts.verify import ModelState, RollbackAllowance, check_signature
+from fleet.core import errors
+from fleet.core.package.canonical import canonical_bytes
+from fleet.core.package.keyid import fingerprint_public_key
+from fleet.core.package.layout import SIG_ED25519
+from fleet.core.package.manifest import Manifest
+from fleet.core.package.verify import ModelState, RollbackAllowance, check_signature
 
 __all__ = ["ORDER_TYPE", "RollbackOrder", "default_sequence", "sign_rollback_order",
            "verify_rollback_order"]

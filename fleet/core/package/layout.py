@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from fleet import errors
-from fleet.artifacts.limits import Limits
+from fleet.core import errors
+from fleet.core.package.limits import Limits
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "SIG_ED25519", "SIG_NONE", "Header", "encode_header",
            "parse_header", "read_header_bytes"]

@@ -12,7 +12,7 @@ import base64
 import json
 from typing import Any
 
-from fleet.errors import FleetError
+from fleet.core.errors import FleetError
 
 __all__ = ["SCHEMA", "decode_args", "encode_args", "fail", "ok"]
 

@@ -5,7 +5,7 @@ A pack is a package of kind ``lora`` holding ``lora.mnn`` (entry) and ``referenc
 (the prompt ids and expected greedy tokens the adapter must reproduce on the device); its
 manifest's ``base`` binds the digests of the base's ``llm.mnn`` and ``llm.mnn.weight`` and
 the weight quantization (bits, block). It is signed and encrypted like a model package.
-Device side: :mod:`fleet_agent.lora`, :mod:`fleet_agent.serve`. Reference: ``docs/lora.md``.
+Device side: the agent's ``lora_packs`` and ``serve`` modules. Reference: ``docs/lora.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from fleet import errors
-from fleet.artifacts import Recipient, base_binding, build_package, file_sha256, read_manifest
+from fleet.artifacts import base_binding, build_package, read_manifest
+from fleet.core import errors
+from fleet.core.fsutil import sha256_file
+from fleet.core.lora_reference import LORA_FILE, REFERENCE_FILE, Reference
+from fleet.core.package import Recipient
 from fleet.home import FleetHome
 from fleet.registry import Artifact, Device, Registry
 from fleet.registry import history as hist
@@ -32,8 +35,6 @@ __all__ = [
     "parse_ref",
 ]
 
-LORA_FILE = "lora.mnn"
-REFERENCE_FILE = "reference.json"
 
 
 def parse_ref(text: str) -> tuple[str, int | None]:
@@ -101,10 +102,9 @@ def build_lora_pack(home: FleetHome, reg: Registry, lora: Path, *, base: str,
     Recipients: the devices named by ``targets`` (groups or devices), else the base
     package's recipients that the registry knows. Without ``reference`` the pack is still
     built, and every device refuses it (no adapter serves unchecked)."""
-    from fleet_agent.lora import Reference
-
     from fleet.artifacts import load_signing_key
-    from fleet.artifacts.keys import load_trusted_public_key, public_pem
+    from fleet.artifacts.keys import public_pem
+    from fleet.core.package.keyid import load_trusted_public_key
 
     if not lora.is_file():
         raise errors.ModelError(f"no LoRA file at {lora}", path=str(lora))
@@ -148,7 +148,7 @@ def build_lora_pack(home: FleetHome, reg: Registry, lora: Path, *, base: str,
         m = build_package(files, out, name=name, version=ver, kind="lora",
                           recipients=recipients, signing_key=signing_key, entry=LORA_FILE,
                           mnn_facts=facts, base=binding, golden=golden)
-    pkg_sha = file_sha256(out)
+    pkg_sha = sha256_file(out)
     hist.record_artifact(reg, name=name, kind="lora", version=ver, digest=m.sha256,
                          package_sha256=pkg_sha, size=out.stat().st_size,
                          path=str(out.resolve()), manifest=m.to_dict())
@@ -182,7 +182,7 @@ def lora_fanout(home: FleetHome, reg: Registry, devices: list[Device], verb: str
     from fleet.connect import open_device
     from fleet.rollout.execute import FanOut, TaskContext
 
-    pkg_sha = file_sha256(pack) if pack is not None else None
+    pkg_sha = sha256_file(pack) if pack is not None else None
 
     def task(dev: Device, ctx: TaskContext) -> dict[str, Any]:
         transport, agent = open_device(home, dev)

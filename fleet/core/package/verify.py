@@ -23,12 +23,12 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fleet import errors
-from fleet.artifacts._canonical import parse_canonical
-from fleet.artifacts.keyid import fingerprint_public_key
-from fleet.artifacts.layout import Header, parse_header
-from fleet.artifacts.limits import Limits
-from fleet.artifacts.manifest import Manifest
+from fleet.core import errors
+from fleet.core.package.canonical import parse_canonical
+from fleet.core.package.keyid import fingerprint_public_key
+from fleet.core.package.layout import Header, parse_header
+from fleet.core.package.limits import Limits
+from fleet.core.package.manifest import Manifest
 
 __all__ = ["ModelState", "RollbackAllowance", "check_base_binding", "check_limits",
            "check_signature", "check_version", "verify_manifest"]

@@ -1,0 +1,75 @@
+"""The ``.fpkg`` package format: the half both sides need.
+
+Read, verify and decrypt (what a device does), plus the symmetric halves that share their
+constants with it (the STREAM chunk construction, the key wrap KDF, the canonical JSON and
+the rollback-order form). Building and signing packages is the controller's job
+(:mod:`fleet.artifacts`). Format and threats: ``docs/package-format.md``.
+
+Pure functions over bytes and state, apart from the file read in :func:`decrypt_package`.
+"""
+
+from __future__ import annotations
+
+from fleet.core.package.chunks import decrypt_chunks, encrypt_chunks, payload_length
+from fleet.core.package.keyid import (
+    fingerprint_der,
+    fingerprint_public_key,
+    load_trusted_public_key,
+)
+from fleet.core.package.layout import (
+    MAGIC,
+    Header,
+    encode_header,
+    parse_header,
+    read_header_bytes,
+)
+from fleet.core.package.limits import DEFAULT_CHUNK_SIZE, Limits
+from fleet.core.package.manifest import FileEntry, Manifest, WrappedKey
+from fleet.core.package.orders import RollbackOrder, verify_rollback_order
+from fleet.core.package.payload import (
+    OpenedHeader,
+    PayloadChecker,
+    decrypt_package,
+    open_header,
+)
+from fleet.core.package.recipients import Recipient, unwrap_data_key, wrap_data_key
+from fleet.core.package.verify import (
+    ModelState,
+    RollbackAllowance,
+    check_base_binding,
+    check_version,
+    verify_manifest,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAGIC",
+    "FileEntry",
+    "Header",
+    "Limits",
+    "Manifest",
+    "ModelState",
+    "OpenedHeader",
+    "PayloadChecker",
+    "Recipient",
+    "RollbackAllowance",
+    "RollbackOrder",
+    "WrappedKey",
+    "check_base_binding",
+    "check_version",
+    "decrypt_chunks",
+    "decrypt_package",
+    "encode_header",
+    "encrypt_chunks",
+    "fingerprint_der",
+    "fingerprint_public_key",
+    "load_trusted_public_key",
+    "open_header",
+    "parse_header",
+    "payload_length",
+    "read_header_bytes",
+    "unwrap_data_key",
+    "verify_manifest",
+    "verify_rollback_order",
+    "wrap_data_key",
+]
