@@ -13,7 +13,7 @@ APT_PACKAGES := build-essential cmake git pkg-config \
 	pocl-opencl-icd ocl-icd-libopencl1 clinfo mesa-vulkan-drivers libvulkan1 vulkan-tools
 
 .PHONY: all setup apt venv native demo test lint typecheck bench bench-crypto bench-ssh \
-	bench-lora llm-venv clean
+	bench-lora bench-cli llm-venv clean
 
 all: test
 
@@ -57,6 +57,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check fleet agents tests bench models migrations
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 # -- checks -------------------------------------------------------------------------------
@@ -88,7 +89,10 @@ bench-ssh: setup
 bench-lora: setup llm-venv
 	$(PY) bench/bench_lora.py --venv-python $(LLM_VENV)/bin/python
 
-bench: bench-crypto bench-ssh bench-lora
+bench-cli: setup
+	$(PY) bench/bench_cli.py
+
+bench: bench-crypto bench-ssh bench-lora bench-cli
 
 clean:
 	rm -rf build .stamp-* .pytest_cache .mypy_cache .ruff_cache

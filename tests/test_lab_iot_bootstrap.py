@@ -36,7 +36,7 @@ def test_bootstrap_installs_an_isolated_agent_on_a_board(iot_lab: IotLab,
     venv = tmp_path / "board" / "fleet-agent-venv"
     runner = CliRunner()
     base = ["--home", str(iot_lab.home.path), "device", "bootstrap", dev.name,
-            "--venv", str(venv), "--wheelhouse", str(CACHE), "--json"]
+            "--venv", str(venv), "--cache", str(CACHE), "--json"]
     try:
         res = runner.invoke(app, [*base, "--keep-wheels"])
         assert res.exit_code == 0, res.output

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fleet.cli._exit import exit_code_for
 from fleet.core import errors
-from fleet.rollout.plan import decide, split_waves
+from fleet.rollout.plan import ActionKind, decide, split_waves
 
 
 def test_decide() -> None:
@@ -28,3 +29,15 @@ def test_split_waves() -> None:
     for bad in ("", "0", "x%", "-1"):
         with pytest.raises(errors.UsageError):
             split_waves(names, bad)
+
+
+def test_plan_refusal_is_a_rollout_error_not_a_package_attack() -> None:
+    action = decide({"version": 3, "digest": "c"}, name="m", version=2, digest="b")
+    assert action.kind is ActionKind.REFUSE
+    err = action.refusal("d1", "m")
+    assert isinstance(err, errors.PlanError) and isinstance(err, errors.RolloutError)
+    assert not isinstance(err, errors.PackageError)  # RollbackError is the attack
+    assert exit_code_for(err) == 17 and err.code == "plan_refused"
+    assert err.details == {"device": "d1", "model": "m"}
+    # the code travels as data and comes back as the same class
+    assert type(errors.error_from_code(err.code, err.message)) is errors.PlanError

@@ -1,20 +1,11 @@
 """Type stub for the compiled ``fleet_agent._native`` (runtime/python/module.cpp).
 
-Checked against the real module by ``tests/test_native_stub.py`` (mypy.stubtest).
+Checked against the real module by mypy.stubtest in
+``tests/test_native.py::test_stubtest_finds_no_difference``.
 """
-
-from types import TracebackType
-from typing import TypedDict
 
 PROBE_SCHEMA: str
 RUNTIME_VERSION: str
-
-class _RssReport(TypedDict):
-    baseline_bytes: int
-    peak_bytes: int
-    samples: int
-    elapsed_ns: int
-    exact: bool
 
 class ProbeError(RuntimeError): ...
 
@@ -24,23 +15,3 @@ def current_rss_bytes() -> int: ...
 def hwm_rss_bytes() -> int: ...
 def reset_peak_rss() -> bool: ...
 def probe_json(isolate: bool = True, timeout_ms: int = 10000, indent: int = 2) -> str: ...
-
-class RssSampler:
-    def __init__(self, interval_us: int = 1000) -> None: ...
-    def start(self) -> None: ...
-    def stop(self) -> _RssReport: ...
-    @property
-    def running(self) -> bool: ...
-    @property
-    def peak_so_far(self) -> int: ...
-    @property
-    def interval_us(self) -> int: ...
-    @property
-    def report(self) -> _RssReport | None: ...
-    def __enter__(self) -> RssSampler: ...
-    def __exit__(
-        self,
-        arg0: type[BaseException] | None,
-        arg1: BaseException | None,
-        arg2: TracebackType | None,
-    ) -> None: ...

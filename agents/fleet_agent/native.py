@@ -1,4 +1,4 @@
-"""The native runtime core (``runtime/``), re-exported: clock, memory sampling, probe.
+"""The native runtime core (``runtime/``), re-exported: clock, memory readings, probe.
 
 The compiled module ``fleet_agent._native`` is private so that its binding details can
 change; code imports from here. The same C++ core builds the ``fleet-probe`` executable,
@@ -11,7 +11,6 @@ from fleet_agent._native import (
     PROBE_SCHEMA,
     RUNTIME_VERSION,
     ProbeError,
-    RssSampler,
     current_rss_bytes,
     hwm_rss_bytes,
     monotonic_ns,
@@ -24,7 +23,6 @@ __all__ = [
     "PROBE_SCHEMA",
     "RUNTIME_VERSION",
     "ProbeError",
-    "RssSampler",
     "current_rss_bytes",
     "hwm_rss_bytes",
     "monotonic_ns",

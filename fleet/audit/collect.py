@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.connect import open_device
+from fleet.connect import device_session
 from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Device, Registry
 from fleet.registry import history as hist
-from fleet.rollout.execute import FanOut, TaskContext
+from fleet.rollout.fanout import DeviceOutcome, DeviceStatus, FleetResult, TaskContext, call_each
 
-__all__ = ["AuditRow", "collect_audit"]
+__all__ = ["Audit", "AuditRow", "audit_each", "collect_audit"]
 
 
 @dataclass
@@ -51,41 +51,65 @@ def _rows_from_body(dev: Device, body: dict[str, Any], source: str) -> list[Audi
     return rows
 
 
+@dataclass
+class Audit:
+    """The table (one row per device and model) and the fan-out behind it: a device
+    without an answer (live) or without a stored report (offline) is a failed outcome."""
+
+    rows: list[AuditRow]
+    result: FleetResult[dict[str, Any]]
+
+
 def collect_audit(home: FleetHome, reg: Registry, devices: list[Device], *, live: bool = True,
-                  workers: int = 8, deadline_s: float = 120.0) -> list[AuditRow]:
+                  workers: int = 8, deadline_s: float = 120.0) -> Audit:
+    if live:
+        result = audit_each(home, devices, workers=workers, deadline_s=deadline_s)
+    else:
+        result = _stored(reg, devices)
     rows: list[AuditRow] = []
-    if not live:
-        latest = hist.latest_reports(reg, devices, ("audit",))
-        for dev in devices:
-            rep = latest.get(dev.name)
-            if rep is None:
-                rows.append(AuditRow(dev.name, dev.platform, error="no audit report stored",
-                                     source="stored"))
-            else:
-                rows.extend(_with_adapters(reg, dev, _rows_from_body(dev, rep.body,
-                                                                     "stored")))
-        return rows
-
-    def task(dev: Device, ctx: TaskContext) -> dict[str, Any]:
-        transport, agent = open_device(home, dev)
-        ctx.add_closer(transport.close)
-        with transport:
-            doc = agent.call("audit", {}, timeout=ctx.deadline.remaining(30))
-        return doc
-
-    outcomes = FanOut(workers=workers, deadline_s=deadline_s, retries=1).run(
-        {d.name: d for d in devices}, task)
+    source = "live" if live else "stored"
     for dev in devices:
-        out = outcomes[dev.name]
+        out = result[dev.name]
         if out.ok and out.result is not None:
             body = dict(out.result)
-            hist.add_report(reg, dev, "audit", _flatten_findings(body))
-            reg.touch_device(dev.name)
-            rows.extend(_with_adapters(reg, dev, _rows_from_body(dev, body, "live")))
+            if live:
+                hist.add_report(reg, dev, "audit", _flatten_findings(body))
+                reg.touch_device(dev.name)
+            rows.extend(_with_adapters(reg, dev, _rows_from_body(dev, body, source)))
+        elif live:
+            reg.record_contact(dev.name, out.error or errors.FleetError(out.status.value))
+            rows.append(AuditRow(dev.name, dev.platform,
+                                 error=out.error_text() or out.status.value))
         else:
-            err = out.error or errors.FleetError("unknown")
-            rows.append(AuditRow(dev.name, dev.platform, error=f"{err.code}: {err.message}"))
-    return rows
+            rows.append(AuditRow(dev.name, dev.platform, error="no audit report stored",
+                                 source="stored"))
+    return Audit(rows, result)
+
+
+def _stored(reg: Registry, devices: list[Device]) -> FleetResult[dict[str, Any]]:
+    """The last stored audit report per device, in the fan-out's result shape."""
+    latest = hist.latest_reports(reg, devices, ("audit",))
+    result: FleetResult[dict[str, Any]] = FleetResult()
+    for dev in devices:
+        rep = latest.get(dev.name)
+        if rep is None:
+            err = errors.NotFoundError(f"{dev.name}: no audit report stored", device=dev.name)
+            result.add(DeviceOutcome(dev.name, DeviceStatus.FAILED, error=err,
+                                     reason=err.message))
+        else:
+            result.add(DeviceOutcome(dev.name, DeviceStatus.OK, result=dict(rep.body)))
+    return result
+
+
+def audit_each(home: FleetHome, devices: list[Device], *, workers: int = 8,
+               deadline_s: float = 120.0, **fanout_kw: Any) -> FleetResult[dict[str, Any]]:
+    """Every device's ``audit`` answer (one retry of transport faults)."""
+    def task(dev: Device, ctx: TaskContext) -> dict[str, Any]:
+        with device_session(home, dev, ctx) as agent:
+            return agent.audit(timeout=ctx.deadline.remaining(30))
+
+    kw: dict[str, Any] = {"retries": 1, **fanout_kw}
+    return call_each(devices, task, workers=workers, deadline_s=deadline_s, **kw)
 
 
 def _with_adapters(reg: Registry, dev: Device, rows: list[AuditRow]) -> list[AuditRow]:

@@ -27,13 +27,23 @@ EXIT_CODES: dict[type[BaseException], int] = {
     errors.RolloutError: 17,
     errors.AgentError: 18,
     errors.MailboxPendingError: 19,
+    errors.PartialFailureError: 20,
+    errors.RegistryError: 21,
+    errors.RegistryReadOnlyError: 22,
+    errors.RegistryFullError: 23,
+    errors.RegistryBusyError: 24,
+    errors.RegistryIOError: 25,
 }
 #: a fan-out where some devices failed (the table says which)
-PARTIAL_FAILURE = 20
+PARTIAL_FAILURE = EXIT_CODES[errors.PartialFailureError]
 
 
 def exit_code_for(exc: BaseException) -> int:
-    for cls in type(exc).__mro__:
+    """The code of the most specific class in ``exc``'s MRO (a fan-out's
+    ``PartialFailureError.exit_as`` stands in for its own class when set)."""
+    as_cls = getattr(exc, "exit_as", None) if isinstance(exc, errors.PartialFailureError) \
+        else None
+    for cls in (as_cls or type(exc)).__mro__:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]
     return 1

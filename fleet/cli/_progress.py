@@ -52,12 +52,14 @@ class FanOutProgress:
             err.print(f"{name}: {state}", highlight=False, markup=False)
 
     def on_done(self, outcome: Any) -> None:
-        status = "ok" if outcome.ok else f"failed ({outcome.error.code})"
-        task = self._task(outcome.name)
+        """``outcome``: a :class:`fleet.rollout.fanout.DeviceOutcome`."""
+        status = outcome.status.value if outcome.error is None else \
+            f"{outcome.status.value} ({outcome.error.code})"
+        task = self._task(outcome.device)
         if task is not None and self.progress is not None:
             self.progress.update(task, state=status)
         else:
-            err.print(f"{outcome.name}: {status}", highlight=False, markup=False)
+            err.print(f"{outcome.device}: {status}", highlight=False, markup=False)
 
 
 @contextmanager

@@ -6,12 +6,15 @@ line and becomes the exit code from the single table in :mod:`fleet.cli._exit`.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+import typer.main
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from fleet.cli._ctx import CliState, set_state
 from fleet.cli._exit import exit_code_for
@@ -22,18 +25,102 @@ from fleet.home import FleetHome
 __all__ = ["app", "main"]
 
 
+#: Top-level command -> (the modules that define it, its one-line help). Commands are
+#: imported only when run, so ``fleet --help`` and ``fleet device list`` do not pay for
+#: MNN, paramiko or alembic (bench/bench_cli.py measures it). A new command module is
+#: added here; tests/test_cli_help.py checks the table matches what the modules define.
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "init": (("fleet.cli.cmd_core",),
+             "Create the controller home and migrate the registry to the newest schema."),
+    "status": (("fleet.cli.cmd_core",), "Summarise the fleet: devices per group and status."),
+    "device": (("fleet.cli.cmd_device", "fleet.cli.cmd_bootstrap"),
+               "Devices: register, list, inspect, remove, bootstrap."),
+    "group": (("fleet.cli.cmd_group",), "Groups of devices."),
+    "keys": (("fleet.cli.cmd_keys",), "The controller's signing key."),
+    "package": (("fleet.cli.cmd_package",),
+                "Build a signed, encrypted package for devices without sending it."),
+    "deploy": (("fleet.cli.cmd_deploy",),
+               "Package a model and roll it out to devices (waves, health gates)."),
+    "rollback": (("fleet.cli.cmd_deploy",), "Return devices to a model's previous version."),
+    "deployment": (("fleet.cli.cmd_deployment",),
+                   "Deployments: list, show, resume or cancel one (history and lifecycle)."),
+    "audit": (("fleet.cli.cmd_audit",),
+              "Per device: configured vs effective vs recommended backend, findings."),
+    "reports": (("fleet.cli.cmd_audit",), "A device's stored reports, newest first."),
+    "lora": (("fleet.cli.cmd_lora",), "LoRA adapters: package, push, hot-swap, roll back."),
+    "gc": (("fleet.cli.cmd_gc",),
+           "Delete built packages no device needs (the devices' keep policy)."),
+    "lab": (("fleet.cli.cmd_lab",), "The virtual device lab: boards, phones, faults."),
+}
+
+
 class _FleetGroup(TyperGroup):
+    """The root group: lazy subcommands, and FleetError -> one line + exit code."""
+
+    _listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        extra = [n for n in super().list_commands(ctx) if n not in COMMANDS]
+        return [*COMMANDS, *extra]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in self.commands or cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        modules, short = COMMANDS[cmd_name]
+        if self._listing:  # the help page needs names and one line each, nothing more
+            # typer vendors click: `click` itself is not among our dependencies
+            return TyperCommand(cmd_name, short_help=short, help=short)
+        for module in modules:
+            importlib.import_module(module)
+        command = _click_command_for(cmd_name)
+        self.add_command(command, cmd_name)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except errors.FleetError as exc:
-            err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
+            # the message may carry device text: printed as text, never as markup
+            err.print(f"[bold red]error:[/] {escape(str(exc.message))}", highlight=False,
+                      markup=True, soft_wrap=True)  # one line, whatever the terminal width
             raise typer.Exit(exit_code_for(exc)) from exc
 
 
+def _click_command_for(name: str) -> Any:
+    """The click command typer builds for ``name`` once its module has registered it."""
+    for group in app.registered_groups:
+        if group.name == name:
+            return typer.main.get_group_from_info(
+                group, pretty_exceptions_short=app.pretty_exceptions_short,
+                rich_markup_mode=app.rich_markup_mode, suggest_commands=app.suggest_commands)
+    for info in app.registered_commands:
+        if info.callback is not None and (info.name or typer.main.get_command_name(
+                info.callback.__name__)) == name:
+            return typer.main.get_command_from_info(
+                info, pretty_exceptions_short=app.pretty_exceptions_short,
+                rich_markup_mode=app.rich_markup_mode)
+    raise errors.FleetError(f"internal: command {name!r} is listed but not defined")
+
+
 app = typer.Typer(name="fleet", cls=_FleetGroup, no_args_is_help=True, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Deploy MNN models to a fleet of phones and boards, and audit them.",
                   pretty_exceptions_enable=False)
+
+
+def _show_version(value: bool) -> None:
+    if value:  # eager: answers before any command, home or registry is looked at
+        from fleet._version import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
 
 
 @app.callback()
@@ -42,23 +129,17 @@ def _root(
                                               help="Controller home (default ~/.fleet).")] = None,
     db: Annotated[str | None, typer.Option("--db", envvar="FLEET_DB",
                                            help="SQLAlchemy URL of the registry.")] = None,
+    _version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                           help="Print mnn-fleet's version and exit.")] = False,
 ) -> None:
     set_state(CliState(home=FleetHome.from_env(home, db)))
 
 
-def _register() -> None:
-    # Each module adds its commands to `app` (or a sub-typer) on import.
-    from fleet.cli import cmd_core, cmd_device, cmd_group  # noqa: F401
-    for optional in ("cmd_keys", "cmd_package", "cmd_deploy", "cmd_audit", "cmd_lab",
-                     "cmd_lora", "cmd_bootstrap"):
-        try:
-            __import__(f"fleet.cli.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"fleet.cli.{optional}":
-                raise
-
-
-_register()
+def load_all() -> None:
+    """Import every command module (shell completion, docs, tests of the whole tree)."""
+    for modules, _ in COMMANDS.values():
+        for module in modules:
+            importlib.import_module(module)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from rich.console import Console
 
 from fleet.audit.collect import AuditRow, collect_audit
 from fleet.cli._ctx import state
-from fleet.cli._exit import PARTIAL_FAILURE
 from fleet.cli._output import emit, table
 from fleet.cli.app import app
 from fleet.registry import Registry
@@ -52,10 +51,10 @@ def audit(
     reg = Registry.open(home)
     devices = reg.resolve_targets(groups=[group] if group else [], devices=device) \
         if (group or device) else reg.list_devices()
-    rows = collect_audit(home, reg, devices, live=not offline)
+    found = collect_audit(home, reg, devices, live=not offline)
+    rows = found.rows
     emit([r.to_dict() for r in rows], as_json=as_json, render=lambda c: render_audit(c, rows))
-    if any(r.error for r in rows):
-        raise typer.Exit(PARTIAL_FAILURE)
+    found.result.raise_for_failures("audit")
 
 
 @app.command("reports")

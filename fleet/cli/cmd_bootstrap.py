@@ -8,12 +8,13 @@ from typing import Annotated
 
 import typer
 
-from fleet.bootstrap import bootstrap, build_wheelhouse
+from fleet.bootstrap import BootstrapResult, bootstrap, build_wheelhouse, wheelhouse_from_dir
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, err
 from fleet.cli.cmd_device import device_app
-from fleet.connect import open_device
-from fleet.registry import Registry
+from fleet.connect import device_session
+from fleet.registry import Device, Registry
+from fleet.rollout.fanout import TaskContext, call_each
 
 
 @device_app.command("bootstrap")
@@ -23,7 +24,11 @@ def bootstrap_cmd(
                     ] = "~/.fleet-agent-venv",
     python: Annotated[str, typer.Option(help="The device's Python.")] = "python3",
     wheelhouse: Annotated[Path | None, typer.Option(
-        help="Wheel cache on the controller (default: <home>/wheelhouse).")] = None,
+        help="A ready wheelhouse (one mnn-fleet wheel and its dependencies' wheels) to install "
+             "as it is, instead of one made from this installation of mnn-fleet.")] = None,
+    cache: Annotated[Path | None, typer.Option(
+        help="Where the wheelhouse made from this installation is cached "
+             "(default: <home>/wheelhouse).")] = None,
     rebuild: Annotated[bool, typer.Option(help="Rebuild the cached wheels.")] = False,
     keep_wheels: Annotated[bool, typer.Option(help="Leave the wheels on the device.")] = False,
     set_agent: Annotated[bool, typer.Option(
@@ -35,16 +40,23 @@ def bootstrap_cmd(
     home = state().home
     reg = Registry.open(home)
     dev = reg.get_device(name)
-    house = build_wheelhouse(wheelhouse or home.path / "wheelhouse", rebuild=rebuild,
-                             log=lambda m: err.print(m, highlight=False, markup=False))
+    house = wheelhouse_from_dir(wheelhouse) if wheelhouse else build_wheelhouse(
+        cache or home.path / "wheelhouse", rebuild=rebuild,
+        log=lambda m: err.print(m, highlight=False, markup=False))
     if house.build_s:
         err.print(f"wheelhouse built in {house.build_s:.1f}s ({len(house.wheels)} wheels)")
-    transport, _ = open_device(home, dev)
-    with transport:
-        result = bootstrap(transport, name, house, venv=venv,
-                           agent_root=dev.agent_root or transport.agent_root(),
-                           python=python, keep_wheels=keep_wheels,
-                           log=lambda m: err.print(m, highlight=False, markup=False))
+
+    def task(d: Device, ctx: TaskContext) -> BootstrapResult:
+        with device_session(home, d, ctx) as agent:
+            return bootstrap(agent.transport, d.name, house, venv=venv, agent_root=agent.root,
+                             python=python, keep_wheels=keep_wheels,
+                             log=lambda m: err.print(m, highlight=False, markup=False))
+
+    # installing is not idempotent halfway: no retries; pip over a slow link takes time
+    outcome = call_each([dev], task, workers=1, deadline_s=1800.0, retries=0)
+    outcome.raise_for_failures("bootstrap")
+    result = outcome[name].result
+    assert result is not None  # succeeded: the task returned it
     if set_agent:
         reg.update_device(name, agent_cmd=result.agent_cmd,
                           agent_version=result.agent_status.get("agent_version"))

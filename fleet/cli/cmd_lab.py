@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, err, table
@@ -62,32 +63,22 @@ def up(
 
 def _enroll_all(home: FleetHome, names: list[str]) -> dict[str, str]:
     """Enroll devices that are not enrolled yet, 8 at a time; one failure hides nothing."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fleet.connect import controller_public_pem, open_device
+    from fleet.enrollment import enroll_many
 
     reg = Registry.open(home)
-    pub = controller_public_pem(home)
-
-    def one(name: str) -> str:
-        dev = reg.get_device(name)
-        if dev.public_key:
-            return dev.fingerprint or "yes"
-        try:
-            transport, agent = open_device(home, dev)
-            with transport:
-                doc = agent.call("enroll", {"controller_pub": pub}, timeout=120)
-        except errors.FleetError as exc:
-            err.print(f"[yellow]{name}: enrollment failed:[/] {exc.message}", highlight=False)
-            return f"failed: {exc.code}"
-        reg.update_device(name, public_key=doc["public_key"], fingerprint=doc["fingerprint"],
-                          status="enrolled", agent_version=doc.get("agent_version"))
-        reg.touch_device(name)
-        return str(doc["fingerprint"])
-
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            return dict(zip(names, pool.map(one, names), strict=True))
+        devs = [reg.get_device(n) for n in names]
+        done = {d.name: d.fingerprint or "yes" for d in devs if d.public_key}
+        result = enroll_many(home, reg, [d for d in devs if not d.public_key])
+        for out in result:
+            if out.result is not None:
+                done[out.device] = out.result.fingerprint
+            else:
+                msg = out.error.message if out.error else out.status.value
+                err.print(f"[yellow]{out.device}: enrollment failed:[/] {escape(msg)}",
+                          highlight=False)
+                done[out.device] = f"failed: {out.error.code if out.error else out.status.value}"
+        return {n: done[n] for n in names}
     finally:
         reg.close()
 

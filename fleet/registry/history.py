@@ -1,24 +1,33 @@
 """What happened: artifacts built, deployments and their per-device steps (every state
-change is a row), reports and findings, capability snapshots, LoRA state."""
+change is a row), reports and findings, capability snapshots, LoRA state.
+
+A deployment's lease is read and written by :mod:`fleet.rollout.lease`; the states are
+:class:`~fleet.registry.models.DeploymentState` and :class:`~fleet.registry.models.StepState`.
+"""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from sqlmodel import col, select
+from sqlalchemy import func
+from sqlmodel import Session, col, select
 
+from fleet.core import errors
 from fleet.registry.api import Registry
 from fleet.registry.models import (
     Artifact,
     CapabilitySnapshot,
     Deployment,
+    DeploymentKind,
+    DeploymentState,
     DeploymentStep,
     Device,
     Finding,
     LoraState,
     Report,
     StepEvent,
+    StepState,
 )
 from fleet.registry.types import utcnow
 
@@ -26,20 +35,26 @@ __all__ = [
     "add_report",
     "add_snapshot",
     "create_deployment",
+    "deployment_reports",
+    "final_state",
+    "find_deployment",
     "finish_deployment",
+    "get_deployment",
+    "last_deployment_of",
     "latest_reports",
+    "list_deployments",
     "lora_states",
     "next_version",
+    "record_activation",
     "record_artifact",
+    "record_attempt",
     "reports_for",
+    "reverting",
     "set_lora_state",
     "set_step",
     "step_events",
     "steps_of",
 ]
-
-TERMINAL = {"ok", "staged", "skipped", "failed"}
-
 
 def next_version(reg: Registry, name: str) -> int:
     with reg.session() as s:
@@ -60,61 +75,208 @@ def record_artifact(reg: Registry, *, name: str, kind: str, version: int, digest
         return art
 
 
-def create_deployment(reg: Registry, *, name: str, version: int, target: str,
+def create_deployment(reg: Registry, *, name: str, version: int | None, target: str,
                       devices: list[Device], artifact_id: uuid.UUID | None,
-                      options: dict[str, Any] | None = None) -> tuple[Deployment,
-                                                                       dict[str, DeploymentStep]]:
+                      options: dict[str, Any] | None = None,
+                      kind: DeploymentKind = DeploymentKind.DEPLOY,
+                      waves: dict[str, int] | None = None,
+                      lease: tuple[str, int] | None = None,
+                      reverts_id: uuid.UUID | None = None
+                      ) -> tuple[Deployment, dict[str, DeploymentStep]]:
+    """The deployment row (``running``, holding ``lease`` = (host, pid) when given) and one
+    ``pending`` step per device (``waves``: device -> its 1-based wave), in one
+    transaction: a crash leaves all of it or none."""
     with reg.session() as s:
+        now = utcnow()
         dep = Deployment(name=name, version=version, target=target, artifact_id=artifact_id,
-                         options=options or {})
+                         options=options or {}, kind=kind, reverts_id=reverts_id,
+                         lease_host=lease[0] if lease else None,
+                         lease_pid=lease[1] if lease else None,
+                         heartbeat_at=now if lease else None)
         s.add(dep)
         s.flush()
         steps = {}
         for d in devices:
-            st = DeploymentStep(deployment_id=dep.id, device_id=d.id)
+            st = DeploymentStep(deployment_id=dep.id, device_id=d.id,
+                                wave=(waves or {}).get(d.name))
             s.add(st)
             s.flush()
-            s.add(StepEvent(step_id=st.id, state="pending"))
+            s.add(StepEvent(step_id=st.id, state=StepState.PENDING))
             steps[d.name] = st
         return dep, steps
 
 
-def set_step(reg: Registry, step_id: uuid.UUID, state: str, *, error_code: str | None = None,
-             error_message: str | None = None, bytes_sent: int | None = None,
-             attempt: bool = False, **detail: Any) -> None:
-    """Move a step to ``state`` and append the event row (one transaction)."""
+def _apply(st: DeploymentStep, state: StepState, *, done: bool) -> None:
+    now = utcnow()
+    st.state = state
+    st.updated_at = now
+    if st.started_at is None and state is not StepState.PENDING:
+        st.started_at = now
+    if done or state.terminal:
+        st.finished_at = now
+
+
+def set_step(reg: Registry, step_id: uuid.UUID, state: StepState, *,
+             error_code: str | None = None, error_message: str | None = None,
+             bytes_sent: int | None = None, attempt: bool = False, done: bool = False,
+             **detail: Any) -> None:
+    """Move a step to ``state`` and append the event row (one transaction). ``done``: the
+    step ends here although ``state`` is not terminal by itself (``staged`` for a
+    ``--no-activate`` deployment)."""
+    with reg.session() as s:
+        _set_step(s, step_id, StepState(state), error_code=error_code,
+                  error_message=error_message, bytes_sent=bytes_sent, attempt=attempt,
+                  done=done, detail=detail)
+
+
+def _set_step(s: Session, step_id: uuid.UUID, state: StepState, *, error_code: str | None,
+              error_message: str | None, bytes_sent: int | None, attempt: bool, done: bool,
+              detail: dict[str, Any]) -> None:
+    st = s.get(DeploymentStep, step_id)
+    if st is None:
+        raise errors.NotFoundError(f"no deployment step {step_id}", step=str(step_id))
+    _apply(st, state, done=done)
+    if error_code is not None or state is not StepState.FAILED:
+        st.error_code = error_code
+        st.error_message = error_message
+    if bytes_sent is not None:
+        st.bytes_sent = bytes_sent
+    if attempt:
+        st.attempts += 1
+    s.add(st)
+    ev_detail = dict(detail)
+    if error_code:
+        ev_detail.update(error_code=error_code, error_message=error_message)
+    s.add(StepEvent(step_id=step_id, state=state, detail=ev_detail))
+
+
+def record_attempt(reg: Registry, step_id: uuid.UUID, attempt_no: int) -> StepState:
+    """A ``connecting`` event for one attempt; the step's state moves to ``connecting``
+    only from ``pending``, so it keeps saying how far the device got (the reconcile table
+    reads it). Returns that state."""
     with reg.session() as s:
         st = s.get(DeploymentStep, step_id)
-        assert st is not None
-        st.state = state
-        st.updated_at = utcnow()
-        if error_code is not None or state != "failed":
-            st.error_code = error_code
-            st.error_message = error_message
-        if bytes_sent is not None:
-            st.bytes_sent = bytes_sent
-        if attempt:
-            st.attempts += 1
+        if st is None:
+            raise errors.NotFoundError(f"no deployment step {step_id}", step=str(step_id))
+        if st.state is StepState.PENDING:
+            _apply(st, StepState.CONNECTING, done=False)
+        st.attempts += 1
         s.add(st)
-        ev_detail = dict(detail)
-        if error_code:
-            ev_detail.update(error_code=error_code, error_message=error_message)
-        s.add(StepEvent(step_id=step_id, state=state, detail=ev_detail))
+        s.add(StepEvent(step_id=step_id, state=StepState.CONNECTING,
+                        detail={"attempt_no": attempt_no}))
+        return StepState(st.state)
 
 
-def finish_deployment(reg: Registry, deployment_id: uuid.UUID) -> str:
+def record_activation(reg: Registry, step_id: uuid.UUID, device: Device, body: dict[str, Any],
+                      *, deployment_id: uuid.UUID, bytes_sent: int | None,
+                      recovered: bool = False) -> None:
+    """``activated`` + the report (+ its findings and probe snapshot) + ``ok``, in one
+    transaction. ``recovered``: the activation finished while no controller watched and
+    the report was read back from the agent afterwards."""
+    with reg.session() as s:
+        extra = {"recovered": True} if recovered else {}
+        _set_step(s, step_id, StepState.ACTIVATED, error_code=None, error_message=None,
+                  bytes_sent=None, attempt=False, done=False, detail=extra)
+        _add_report(s, device, "activate", body, deployment_id=deployment_id)
+        if body.get("probe"):
+            s.add(CapabilitySnapshot(device_id=device.id, probe=body["probe"]))
+        _set_step(s, step_id, StepState.OK, error_code=None, error_message=None,
+                  bytes_sent=bytes_sent, attempt=False, done=True, detail=extra)
+
+
+def get_deployment(reg: Registry, deployment_id: uuid.UUID) -> Deployment:
     with reg.session() as s:
         dep = s.get(Deployment, deployment_id)
-        assert dep is not None
-        states = [st.state for st in s.exec(
-            select(DeploymentStep).where(DeploymentStep.deployment_id == deployment_id)).all()]
-        failed = sum(1 for x in states if x == "failed")
-        unfinished = sum(1 for x in states if x not in TERMINAL)
-        dep.status = ("failed" if failed == len(states) and states else
-                      "partial" if failed or unfinished else "ok")
-        dep.finished_at = utcnow()
+    if dep is None:
+        raise errors.NotFoundError(f"no deployment {deployment_id}", id=str(deployment_id))
+    return dep
+
+
+def find_deployment(reg: Registry, ref: str) -> Deployment:
+    """A deployment by its id or an unambiguous prefix of it (hex, dashes optional)."""
+    want = ref.strip().lower().replace("-", "")
+    if not want or any(c not in "0123456789abcdef" for c in want):
+        raise errors.UsageError(f"{ref!r} is not a deployment id (hex digits)", ref=ref)
+    with reg.session() as s:
+        ids = list(s.exec(select(Deployment.id)).all())
+    hits = [i for i in ids if i.hex.startswith(want)]
+    if not hits:
+        raise errors.NotFoundError(f"no deployment {ref!r}", ref=ref)
+    if len(hits) > 1:
+        raise errors.UsageError(f"deployment id {ref!r} is ambiguous: "
+                                f"{', '.join(sorted(str(h) for h in hits)[:5])}",
+                                ref=ref, matches=len(hits))
+    return get_deployment(reg, hits[0])
+
+
+def list_deployments(reg: Registry, *, limit: int = 50
+                     ) -> list[tuple[Deployment, dict[StepState, int]]]:
+    """Newest first, with the count of steps per state (two queries)."""
+    with reg.session() as s:
+        deps = list(s.exec(select(Deployment).order_by(col(Deployment.created_at).desc())
+                           .limit(limit)).all())
+        ids = [d.id for d in deps]
+        rows = s.exec(select(DeploymentStep.deployment_id, DeploymentStep.state,
+                             func.count()).where(col(DeploymentStep.deployment_id).in_(ids))
+                      .group_by(col(DeploymentStep.deployment_id),
+                                col(DeploymentStep.state))).all() if ids else []
+    counts: dict[uuid.UUID, dict[StepState, int]] = {i: {} for i in ids}
+    for dep_id, state, n in rows:
+        counts[dep_id][StepState(state)] = int(n)
+    return [(d, counts[d.id]) for d in deps]
+
+
+def final_state(states: list[StepState], *, staged_is_done: bool = False,
+                halted: bool = False) -> DeploymentState:
+    """What a deployment whose run ended is, from its steps: any step unfinished ->
+    ``interrupted`` (resumable); a failed wave gate -> ``halted``; any failure ->
+    ``failed``; else ``completed``."""
+    def unfinished(x: StepState) -> bool:
+        return not x.terminal and not (staged_is_done and x is StepState.STAGED)
+
+    if halted:
+        return DeploymentState.HALTED
+    if any(unfinished(x) for x in states):
+        return DeploymentState.INTERRUPTED
+    if any(x in (StepState.FAILED, StepState.ROLLBACK_FAILED) for x in states):
+        return DeploymentState.FAILED
+    return DeploymentState.COMPLETED
+
+
+def finish_deployment(reg: Registry, deployment_id: uuid.UUID, *,
+                      lease: tuple[str, int] | None = None, halted_at: int | None = None,
+                      reason: str | None = None) -> DeploymentState:
+    """End a ``running`` deployment held by ``lease`` with the state its steps say, and
+    drop the lease. If someone else changed it meanwhile (``cancelled``, or marked
+    ``interrupted`` while this process slept), that stands; a cancelled deployment's
+    unfinished steps become ``cancelled``. Returns the deployment's state."""
+    with reg.session() as s:
+        dep = s.get(Deployment, deployment_id)
+        if dep is None:
+            raise errors.NotFoundError(f"no deployment {deployment_id}")
+        steps = list(s.exec(select(DeploymentStep)
+                            .where(DeploymentStep.deployment_id == deployment_id)).all())
+        staged_done = not bool((dep.options.get("job") or {}).get("activate", True))
+        holds = lease is None or (dep.lease_host, dep.lease_pid) == lease
+        if dep.status is not DeploymentState.RUNNING or not holds:
+            if dep.status is DeploymentState.CANCELLED:
+                for st in steps:
+                    if not st.state.terminal and not (staged_done and
+                                                      st.state is StepState.STAGED):
+                        _apply(st, StepState.CANCELLED, done=True)
+                        s.add(st)
+                        s.add(StepEvent(step_id=st.id, state=StepState.CANCELLED,
+                                        detail={"reason": "deployment cancelled"}))
+            return DeploymentState(dep.status)
+        dep.status = final_state([StepState(st.state) for st in steps],
+                                 staged_is_done=staged_done, halted=halted_at is not None)
+        dep.halted_at_wave = halted_at
+        dep.status_reason = reason if dep.status is not DeploymentState.COMPLETED else None
+        dep.finished_at = utcnow() if dep.status.finished else None
+        dep.lease_host = dep.lease_pid = None
+        dep.heartbeat_at = None
         s.add(dep)
-        return dep.status
+        return DeploymentState(dep.status)
 
 
 def steps_of(reg: Registry, deployment_id: uuid.UUID) -> list[tuple[DeploymentStep, Device]]:
@@ -135,6 +297,12 @@ def step_events(reg: Registry, step_id: uuid.UUID) -> list[StepEvent]:
 def add_report(reg: Registry, device: Device, kind: str, body: dict[str, Any], *,
                deployment_id: uuid.UUID | None = None) -> Report:
     """Store one agent report and its findings."""
+    with reg.session() as s:
+        return _add_report(s, device, kind, body, deployment_id=deployment_id)
+
+
+def _add_report(s: Session, device: Device, kind: str, body: dict[str, Any], *,
+                deployment_id: uuid.UUID | None) -> Report:
     pick = body.get("pick") or {}
     rep = Report(device_id=device.id, deployment_id=deployment_id, kind=kind,
                  model_name=body.get("name"), model_version=body.get("version"),
@@ -142,14 +310,40 @@ def add_report(reg: Registry, device: Device, kind: str, body: dict[str, Any], *
                  effective_backend=body.get("effective_backend") or pick.get("effective_backend"),
                  recommended_backend=body.get("recommended_backend") or pick.get("backend"),
                  median_ms=pick.get("median_ms"), body=body)
+    s.add(rep)
+    s.flush()
+    for f in body.get("findings") or []:
+        s.add(Finding(report_id=rep.id, device_id=device.id, rule_id=str(f.get("id")),
+                      severity=str(f.get("severity", "info")),
+                      message=str(f.get("message", "")), fix=str(f.get("fix", ""))))
+    return rep
+
+
+def deployment_reports(reg: Registry, deployment_id: uuid.UUID) -> list[Report]:
     with reg.session() as s:
-        s.add(rep)
-        s.flush()
-        for f in body.get("findings") or []:
-            s.add(Finding(report_id=rep.id, device_id=device.id, rule_id=str(f.get("id")),
-                          severity=str(f.get("severity", "info")),
-                          message=str(f.get("message", "")), fix=str(f.get("fix", ""))))
-        return rep
+        return list(s.exec(select(Report).where(Report.deployment_id == deployment_id)
+                           .order_by(col(Report.created_at))).all())
+
+
+def reverting(reg: Registry, deployment_id: uuid.UUID) -> list[Deployment]:
+    """The ``fleet rollback`` deployments recorded as reverting this one."""
+    with reg.session() as s:
+        return list(s.exec(select(Deployment).where(Deployment.reverts_id == deployment_id)
+                           .order_by(col(Deployment.created_at))).all())
+
+
+def last_deployment_of(reg: Registry, name: str, devices: list[Device]) -> Deployment | None:
+    """The newest deploy of ``name`` that reached any of ``devices`` (a rollback's
+    ``reverts_id``)."""
+    ids = [d.id for d in devices]
+    with reg.session() as s:
+        stmt = (select(Deployment).join(DeploymentStep, col(DeploymentStep.deployment_id)
+                                        == col(Deployment.id))
+                .where(Deployment.name == name, Deployment.kind == DeploymentKind.DEPLOY,
+                       col(DeploymentStep.device_id).in_(ids),
+                       col(DeploymentStep.state).in_([StepState.OK, StepState.ACTIVATED]))
+                .order_by(col(Deployment.created_at).desc()).limit(1))
+        return s.exec(stmt).first()
 
 
 def reports_for(reg: Registry, device: Device, *, kind: str | None = None, limit: int = 20
@@ -171,11 +365,6 @@ def latest_reports(reg: Registry, devices: list[Device], kinds: tuple[str, ...]
                     .order_by(col(Report.created_at).desc()).limit(1))
             out[d.name] = s.exec(stmt).first()
     return out
-
-
-def findings_of(reg: Registry, report: Report) -> list[Finding]:
-    with reg.session() as s:
-        return list(s.exec(select(Finding).where(Finding.report_id == report.id)).all())
 
 
 def add_snapshot(reg: Registry, device: Device, probe: dict[str, Any]) -> None:

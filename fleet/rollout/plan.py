@@ -6,41 +6,54 @@ No I/O here: the inputs are registry rows and what each device said it has insta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-__all__ = ["Action", "decide"]
+from fleet.core import errors
+
+__all__ = ["Action", "ActionKind", "decide", "split_waves"]
+
+
+class ActionKind(StrEnum):
+    DEPLOY = "deploy"
+    SKIP = "skip"
+    REFUSE = "refuse"  #: the caller raises :class:`fleet.core.errors.PlanError` (exit 17)
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "deploy" | "skip" | "refuse"
+    kind: ActionKind
     reason: str
+
+    def refusal(self, device: str, name: str) -> errors.PlanError:
+        """The error a refused device ends with: a rollout error, not a package attack."""
+        return errors.PlanError(f"{device}: {self.reason}", device=device, model=name)
 
 
 def decide(installed: dict[str, Any] | None, *, name: str, version: int, digest: str,
            force: bool = False) -> Action:
     """Decide for one device from its agent's ``status.installed[name]``."""
     if not installed:
-        return Action("deploy", "not installed")
+        return Action(ActionKind.DEPLOY, "not installed")
     active_version = installed.get("version")
     active_digest = installed.get("digest")
     if active_version == version and active_digest == digest and not force:
-        return Action("skip", f"{name}@{version} already active")
+        return Action(ActionKind.SKIP, f"{name}@{version} already active")
     if isinstance(active_version, int) and active_version > version:
-        return Action("refuse", f"device runs {name}@{active_version}, newer than {version}; "
-                                "use `fleet rollback` with a signed order")
+        return Action(ActionKind.REFUSE,
+                      f"device runs {name}@{active_version}, newer than {version}; "
+                      "use `fleet rollback` with a signed order")
     if active_version == version and active_digest != digest:
-        return Action("refuse", f"device runs a different {name}@{version} (digest differs); "
-                                "bump the version")
-    return Action("deploy", f"{active_version} -> {version}")
+        return Action(ActionKind.REFUSE,
+                      f"device runs a different {name}@{version} (digest differs); "
+                      "bump the version")
+    return Action(ActionKind.DEPLOY, f"{active_version} -> {version}")
 
 
 def split_waves(names: list[str], spec: str) -> list[list[str]]:
     """Cut the targets into waves: ``"1,25%,100%"`` means one device, then up to a quarter
     of the fleet in total, then the rest. Each step is a cumulative count or percentage;
     the last wave always takes whatever is left."""
-    from fleet.core import errors
-
     total = len(names)
     bounds: list[int] = []
     for raw in (p.strip() for p in spec.split(",") if p.strip()):

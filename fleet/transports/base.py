@@ -1,7 +1,10 @@
 """The one narrow contract every device kind implements.
 
-A transport moves bytes and runs commands; it knows nothing of packages or agents.
-Synchronous on purpose: concurrency lives in the fan-out executor only. Foreign
+A transport moves bytes and runs commands; it knows nothing of packages, and of the
+agent only where it lives and how it starts on this kind of device
+(:meth:`Transport.agent_root`, :meth:`Transport.agent_cmd`); speaking to the agent is
+``fleet.agent_client``'s job. Synchronous on purpose: concurrency lives in the one
+fan-out only (``fleet.rollout.fanout.call_each``). Foreign
 exceptions (paramiko, adbutils, tidevice, OSError) are mapped at this boundary to the
 most specific :class:`fleet.core.errors.TransportError`, raised ``from`` the original.
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fleet.core import errors
+from fleet.core.mailbox import MailboxCredentials
 
 __all__ = [
     "CommandResult",
@@ -76,6 +80,9 @@ class TransportOptions:
     adb_port: int = 5037
     usbmux_socket: str | None = None
     mailbox_timeout: float = 60.0
+    #: keys of the authenticated mailbox (ios://, adb app mode): the controller's signing
+    #: key and the device's registered key (:class:`fleet.core.mailbox.MailboxCredentials`)
+    mailbox: MailboxCredentials | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
