@@ -37,15 +37,61 @@ def test_variants_shrink_the_file_and_report_their_error(tmp_path: Path) -> None
 def test_conversion_that_disagrees_with_onnxruntime_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # MNN's converter is right on every model we can build here, so a wrong conversion is
-    # simulated: the check compares against outputs that have been perturbed by 5 %.
+    # simulated: the check compares against outputs that have been perturbed by 5 %. The
+    # job runs in this process (convert_model runs it in a child, where a monkeypatch
+    # would not reach).
     real = convert_mod._mnn_outputs
 
-    def skewed(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: v * 1.05 for k, v in real(path, feeds).items()}
+    def skewed(path: Path, sets: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return [{k: v * 1.05 for k, v in out.items()} for out in real(path, sets)]
 
     monkeypatch.setattr(convert_mod, "_mnn_outputs", skewed)
     with pytest.raises(ConversionError, match="differs from onnxruntime"):
-        convert_model(TINY_ONNX, tmp_path / "bad.mnn")
+        convert_mod._convert_job(TINY_ONNX, tmp_path / "bad.mnn", None, True, "mnn-fleet", 0,
+                                 2, None, None)
+
+
+def test_conversion_is_byte_reproducible(tmp_path: Path) -> None:
+    """MNN writes a random UUID into each model; the same source + options + MNN version
+    must give the same bytes (case nondeterministic-onnx-redeploy)."""
+    import _tools
+
+    for variant in (None, "wq8"):
+        a = convert_model(TINY_ONNX, tmp_path / f"a-{variant}.mnn", variant=variant).path
+        b = convert_model(TINY_ONNX, tmp_path / f"b-{variant}.mnn", variant=variant).path
+        assert a.read_bytes() == b.read_bytes(), variant
+    # the raw converter is not reproducible (else this test proves nothing)
+    raw = []
+    for i in (1, 2):
+        raw.append(tmp_path / f"raw{i}.mnn")
+        _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", str(TINY_ONNX),
+                           "--MNNModel", str(raw[-1]), "--bizCode", "mnn-fleet"])
+    assert raw[0].read_bytes() != raw[1].read_bytes()
+    # the options are part of the id: fp32 and wq8 carry different (stable) UUIDs
+    from fleet.core.mnn.session import mnn
+
+    ids = {str(mnn().get_model_uuid(str(tmp_path / f"a-{v}.mnn"))) for v in (None, "wq8")}
+    assert len(ids) == 2 and all(i[14] == "8" for i in ids)
+
+
+def test_conversion_returns_golden_from_the_same_run(tmp_path: Path) -> None:
+    from fleet.core.golden import Golden
+
+    result = convert_model(TINY_ONNX, tmp_path / "t.mnn", samples=3, seed=7)
+    assert result.golden is not None
+    golden = Golden.load(result.golden)
+    assert golden.samples == 3 and golden.meta["seed"] == 7
+    assert golden.meta["reference"].startswith("onnxruntime")
+    assert result.check is not None and result.check["inputs"] == "synthesised (seed 7)"
+
+
+def test_check_matches_nan_and_inf_by_position() -> None:
+    ref = {"y": np.array([1.0, np.nan, -np.inf, 2.0])}
+    same = convert_mod._errors_vs(ref, {"y": np.array([1.0, np.nan, -np.inf, 2.0])})
+    assert same["worst_ratio"] == 0.0
+    moved = convert_mod._errors_vs(ref, {"y": np.array([np.nan, 1.0, -np.inf, 2.0])})
+    flipped = convert_mod._errors_vs(ref, {"y": np.array([1.0, np.nan, np.inf, 2.0])})
+    assert moved["worst_ratio"] == float("inf") and flipped["worst_ratio"] == float("inf")
 
 
 def test_converter_failure_is_a_conversion_error(tmp_path: Path) -> None:

@@ -203,3 +203,82 @@ def test_golden_roundtrip_and_make_from_mnn(tmp_path: Path) -> None:
     assert "MNN" in again.meta["reference"]
     with pytest.raises(InvalidModelError):
         Golden.load(b"not an npz")
+
+
+# --- inputs: dtypes, bounds, golden meta (issue 12, fault 2) -----------------------------
+
+def test_synth_inputs_respect_dtype_and_integer_bounds() -> None:
+    from fleet.core.errors import UsageError
+    from fleet.core.golden import synth_inputs
+
+    specs = {"ids": ([2, 50], "int64"), "mask": ([2, 50], "bool"), "h": ([3], "float16"),
+             "q": ([40], "int8"), "u": ([40], "uint8"), "n": ([4], "int32"),
+             "x": ([5], "float32")}
+    got = synth_inputs(specs, np.random.default_rng(0), bounds={"ids": (0, 10), "q": (-5, 5)})
+    assert {k: str(v.dtype) for k, v in got.items()} == {
+        "ids": "int64", "mask": "bool", "h": "float16", "q": "int8", "u": "uint8",
+        "n": "int32", "x": "float32"}
+    assert got["ids"].shape == (2, 50)
+    assert got["ids"].min() >= 0 and got["ids"].max() <= 9  # an embedding of 10 rows
+    assert got["q"].min() >= -5 and got["q"].max() <= 4 and got["q"].min() < 0
+    assert got["mask"].any() and not got["mask"].all()
+    assert got["u"].max() < 16 and got["n"].max() < 16  # default [0, 16)
+    again = synth_inputs(specs, np.random.default_rng(0), bounds={"ids": (0, 10),
+                                                                  "q": (-5, 5)})
+    assert all(np.array_equal(got[k], again[k]) for k in got)  # seeded: same both sides
+    bad_cases: list[tuple[tuple[list[int], str], dict[str, tuple[int, int]] | None]] = [
+        (([2], "str"), None), (([2], "no-such-type"), None), (([2], "complex64"), None),
+        (([2], "int64"), {"s": (3, 3)}), (([2], "uint8"), {"s": (0, 300)}),
+        (([-1, 2], "float32"), None)]
+    for bad_spec, bad_bounds in bad_cases:
+        with pytest.raises(UsageError):
+            synth_inputs({"s": bad_spec}, np.random.default_rng(0), bounds=bad_bounds)
+
+
+def test_golden_meta_carries_input_shapes_and_dtypes_and_old_files_load() -> None:
+    import io
+
+    g = Golden([{"ids": np.arange(8, dtype=np.int64).reshape(1, 8)}],
+               [{"y": np.ones((1, 8), np.float32)}], {"reference": "test"})
+    back = Golden.load(g.to_bytes())
+    assert back.meta["inputs"] == [{"name": "ids", "shape": [1, 8], "dtype": "int64"}]
+    assert back.inputs[0]["ids"].dtype == np.int64
+    # a file from before: meta["inputs"] is a list of names
+    old = {"schema": "fleet.golden/1", "inputs": ["ids"], "outputs": ["y"], "samples": 1}
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(json.dumps(old).encode(), np.uint8),
+             **{"in.0.0": np.zeros(3, np.int64), "out.0.0": np.zeros(3, np.float32)})
+    assert Golden.load(buf.getvalue()).input_shapes() == {"ids": (3,)}
+    # meta that lies about the data is refused
+    lying = {**old, "inputs": [{"name": "ids", "shape": [3], "dtype": "float32"}]}
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(json.dumps(lying).encode(), np.uint8),
+             **{"in.0.0": np.zeros(3, np.int64), "out.0.0": np.zeros(3, np.float32)})
+    with pytest.raises(InvalidModelError, match="dtype"):
+        Golden.load(buf.getvalue())
+
+
+def test_int64_golden_inputs_pass_on_the_int32_session_tensor(tmp_path: Path) -> None:
+    """The device feeds golden int64 ids as MNN's int32 tensor wants them, not as garbage."""
+    import MNN
+
+    from fleet.core.mnn.fdcapture import capture_fds
+
+    F = MNN.expr
+    x = F.placeholder([1, 8], F.NCHW, F.int)
+    x.name = "ids"
+    y = F.cast(x, F.float) * F.const([2.0], [1], F.NCHW, F.float)
+    y.name = "y"
+    path = tmp_path / "ids.mnn"
+    with capture_fds():
+        F.save([y], str(path))
+    ids = [np.array([[13, 10, 8, 4, 4, 0, 1, 0]], np.int64),
+           np.array([[1, 2, 3, 4, 5, 6, 7, 100]], np.int64)]
+    golden = Golden([{"ids": i} for i in ids], [{"y": (i * 2).astype(np.float32)} for i in ids],
+                    {"reference": "numpy"})
+    doc = _run(path, tmp_path, Golden.load(golden.to_bytes()), probe=ARM_PROBE | {
+        "cpu": {"arch": "x86_64", "usable_cores": 1, "features": {}}})
+    assert doc["pick"] is not None, doc["pick_reasons"]
+    assert doc["model"]["inputs"]["ids"]["dtype"] == "int32"
+    assert doc["reference"]["inputs"] == {"ids": {"shape": [1, 8], "dtype": "int64"}}
+    assert all(c["status"] == "passed" for c in doc["candidates"])

@@ -103,3 +103,102 @@ def test_x86_wheel_kernels_stop_at_avx2() -> None:
     kernels = build_cpu_kernels()
     assert kernels["avx2"] is True
     assert kernels["avx512"] is False
+
+
+# --- inputs in the dtype of MNN's own session tensor (issue 12, fault 2) -----------------
+
+_CAST_TYPES = ("bool", "uint8", "int8", "float16", "int32", "int64", "float32")
+_CONVERT_ALL = """
+import sys
+import MNN  # noqa: F401  (MNN's library before _tools, which shares it)
+import _tools
+for src in sys.argv[1:]:
+    _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", src,
+                       "--MNNModel", src[:-5] + ".mnn", "--bizCode", "dtype-test"])
+"""
+
+
+@pytest.fixture(scope="module")
+def cast_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One model per input dtype: ``x: <dtype> [1, 8] -> Cast(float) -> y``, converted by
+    MNN's converter in a child process."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = tmp_path_factory.mktemp("cast")
+    onnx_types = {"bool": TensorProto.BOOL, "uint8": TensorProto.UINT8,
+                  "int8": TensorProto.INT8, "float16": TensorProto.FLOAT16,
+                  "int32": TensorProto.INT32, "int64": TensorProto.INT64,
+                  "float32": TensorProto.FLOAT}
+    sources = []
+    for name in _CAST_TYPES:
+        graph = helper.make_graph(
+            [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], f"cast_{name}",
+            [helper.make_tensor_value_info("x", onnx_types[name], [1, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        src = out / f"{name}.onnx"
+        onnx.save(model, str(src))
+        sources.append(str(src))
+    subprocess.run([sys.executable, "-c", _CONVERT_ALL, *sources], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    models = {name: out / f"{name}.mnn" for name in _CAST_TYPES}
+    assert all(p.is_file() for p in models.values())
+    return models
+
+
+def _cast_feed(name: str) -> np.ndarray:
+    values = np.array([[-3, -2, -1, 0, 1, 2, 3, 4]])
+    if name == "bool":
+        return (values % 2).astype(np.bool_)
+    if name == "uint8":
+        return (values + 3).astype(np.uint8)
+    return values.astype(name)
+
+
+@pytest.mark.parametrize("dtype", _CAST_TYPES)
+def test_each_input_dtype_is_fed_in_the_session_tensors_dtype(
+        cast_models: dict[str, Path], dtype: str) -> None:
+    model = LoadedModel.open(str(cast_models[dtype]), RuntimeConfig())
+    # MNN's own tensor: int64 and bool inputs are int32, float16 is float32 (FIELD-NOTES).
+    expected = {"int64": "int32", "bool": "int32", "float16": "float32", "int8": "unknown"}
+    assert model.inputs["x"].dtype == expected.get(dtype, dtype)
+    feed = _cast_feed(dtype)
+    out, log = model.run_quiet({"x": feed})
+    np.testing.assert_array_equal(out["y"], feed.astype(np.float32))
+    assert not any("type not match" in line for line in log), log
+    prepared = model.prepare({"x": feed})["x"]
+    out2, _ = model.run_quiet({"x": prepared})  # prepared once, then copied as is
+    np.testing.assert_array_equal(out2["y"], out["y"])
+
+
+def test_int64_values_that_do_not_fit_the_int32_tensor_are_refused(
+        cast_models: dict[str, Path]) -> None:
+    model = LoadedModel.open(str(cast_models["int64"]), RuntimeConfig())
+    too_big = np.full((1, 8), 2**40, np.int64)
+    with pytest.raises(UsageError, match="do not fit"), capture_fds():
+        model.run({"x": too_big})
+    with pytest.raises(UsageError, match="integer"), capture_fds():
+        model.run({"x": np.zeros((1, 8), np.float32)})
+
+
+def test_dynamic_input_is_resized_before_its_shape_or_dtype_is_read(tmp_path: Path) -> None:
+    import MNN
+
+    F = MNN.expr
+    x = F.placeholder([1, 1, -1, -1], F.NCHW, F.float)
+    x.name = "x"
+    y = F.relu(x)
+    y.name = "y"
+    path = tmp_path / "dyn.mnn"
+    with capture_fds():
+        F.save([y], str(path))
+    model = LoadedModel.open(str(path), RuntimeConfig())  # no shape: must not raise
+    assert model.inputs["x"].dynamic and model.inputs["x"].dtype == "unknown"
+    feed = np.linspace(-1, 1, 6 * 10, dtype=np.float32).reshape(1, 1, 6, 10)
+    out, _ = model.run_quiet({"x": feed})
+    np.testing.assert_array_equal(out["y"], np.maximum(feed, 0))
+    assert model.inputs["x"].shape == (1, 1, 6, 10) and model.inputs["x"].dtype == "float32"
+    sized = LoadedModel.open(str(path), RuntimeConfig(), input_shapes={"x": (1, 1, 4, 4)})
+    assert sized.inputs["x"].shape == (1, 1, 4, 4) and not sized.inputs["x"].dynamic

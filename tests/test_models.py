@@ -53,3 +53,36 @@ def test_mtcnn_nets_from_the_wheel(tmp_path: Path) -> None:
     for net in ("pnet", "rnet", "onet"):
         report = _check(paths[f"{net}.mnn"], paths[f"{net}.golden"], tmp_path / net)
         assert "probs" in report["model"]["outputs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("key", "shape"), [("det", "x=1,3,320,320"), ("cls", "x=1,3,48,192")])
+def test_paddleocr_deploys_with_input_shape(key: str, shape: str, run_fleet: Any,
+                                            home: Any, tmp_path: Path) -> None:
+    """PP-OCR detector and classifier ([-1,3,-1,-1] inputs) from the RapidOCR wheel:
+    refused without --input-shape (exit 9), deployed with it; a report and an audit row."""
+    import json
+
+    from fleet.artifacts import init_signing_key
+    from tests.conftest import local_uri
+
+    src = _load("fetch_paddleocr").fetch_onnx()[key]
+    assert run_fleet("init").exit_code == 0
+    init_signing_key(home)
+    assert run_fleet("group", "create", "ocr").exit_code == 0
+    for dev in ("d1", "d2"):
+        r = run_fleet("device", "add", local_uri(tmp_path, dev), "--name", dev,
+                      "--group", "ocr")
+        assert r.exit_code == 0, r.output
+    refused = run_fleet("deploy", str(src), "--group", "ocr", "--json")
+    assert refused.exit_code == 9 and "--input-shape" in refused.output
+    assert "Traceback" not in refused.output
+    r = run_fleet("deploy", str(src), "--group", "ocr", "--input-shape", shape, "--json",
+                  "--iterations", "2", "--warmup", "1")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["results"]
+    assert {row["device"]: row["status"] for row in rows} == {"d1": "ok", "d2": "ok"}
+    assert all(row["median_ms"] > 0 for row in rows)
+    audit = run_fleet("audit", "--group", "ocr", "--json")
+    assert audit.exit_code == 0, audit.output
+    assert {row["device"] for row in json.loads(audit.stdout)} == {"d1", "d2"}

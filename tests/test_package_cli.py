@@ -45,7 +45,7 @@ def test_keys_init_show_and_refusals(run_fleet, home: FleetHome) -> None:  # typ
     r = run_fleet("keys", "show")
     assert r.exit_code == 11 and "chmod 600" in r.stderr
     os.chmod(home.signing_key, 0o600)
-    r = run_fleet("keys", "init", "--force", "--json")
+    r = run_fleet("keys", "init", "--force", "--yes", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["fingerprint"] != made["fingerprint"]
 
 
@@ -75,9 +75,19 @@ def test_package_for_a_group_opens_on_members_only(run_fleet, home: FleetHome,  
             assert Path(opened.entry).read_bytes() == model.read_bytes()
     with pytest.raises(errors.NotRecipientError):
         c.store().stage(out)
-    # The registry recorded it, so the next package of this name is version 2.
+    # The same payload for other devices is the same version (issue 12: the same source
+    # and options give the same version), in a new package for exactly those devices.
     r = run_fleet("package", str(model), "--for", "c", "--for", "a", "-o",
-                  str(tmp_path / "v2.fpkg"), "--json")
+                  str(tmp_path / "v1c.fpkg"), "--json")
+    assert r.exit_code == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["version"] == 1 and again["reused"] is False
+    assert set(read_manifest(tmp_path / "v1c.fpkg").recipients) == {
+        d.recipient.fingerprint for d in (a, c)}
+    # The registry recorded it, so a changed model of this name is version 2.
+    make_tiny_mnn(model, seed=1)
+    r = run_fleet("package", str(model), "--for", "a", "-o", str(tmp_path / "v2.fpkg"),
+                  "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["version"] == 2
     reg.close()

@@ -1,17 +1,21 @@
 """The health benchmark: measure every candidate, check its outputs, pick the best.
 
-Per candidate (ARCHITECTURE "The agent's brain", step 3):
-load (timed) -> warm-up runs -> one run per reference sample, outputs compared with the
-reference -> N timed iterations, each timing input copy + run + reading every output back
-into numpy (the sync asynchronous GPU backends need, FIELD-NOTES 4; timing without it
-cannot happen here) -> min/median/p90/max, RSS before and after, MNN's session memory.
-
-Every figure carries its conditions (backend asked and used, threads, precision, memory,
-power, warm-up, iterations, what the timed region holds, load average): FIELD-NOTES 6.
+Per candidate (ARCHITECTURE "The agent's brain", step 3) :mod:`fleet_agent.measure` loads,
+warms up, times with a sync (outputs read back every iteration) and compares the outputs
+with the reference; every figure carries its conditions (FIELD-NOTES 6).
 
 The reference is the golden data from the package when there is one (outputs of the
-ORIGINAL model), else the CPU fp32 run of the same file; the report says which, and that
-without golden data the variant itself was not checked.
+ORIGINAL model, fed as given: the session converts each input to the dtype of MNN's own
+tensor), else the CPU fp32 run of the same file; the report says which, and that without
+golden data the variant itself was not checked.
+
+Containment (FIELD-NOTES "MNN can crash natively"): the reference run and every candidate
+run in their own child process (:mod:`fleet_agent.contained`; the decrypted model's memfd
+is passed to it); the whole measurement, timed loop included, happens in the child. A
+child that dies marks its candidate ``failed`` with the signal in ``error``, ``reasons``
+and ``crash``; the others are still measured. When the CPU reference run itself dies, the
+golden data (if any) is still the reference; without it nothing can be checked and no
+candidate is measured.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,65 +31,24 @@ from typing import Any
 
 import numpy as np
 
-from fleet.core.compare import Thresholds, compare_samples
-from fleet.core.errors import InvalidModelError, UsageError
+from fleet.core.compare import Thresholds
+from fleet.core.errors import UsageError
 from fleet.core.golden import Golden, synth_inputs
-from fleet.core.mnn.fdcapture import capture_fds
-from fleet.core.mnn.session import (
-    LoadedModel,
-    RuntimeConfig,
-    current_rss_bytes,
-    mnn_version,
-    monotonic_ns,
-    peak_rss_bytes,
-)
+from fleet.core.mnn.session import LoadedModel, RuntimeConfig, mnn_version
 from fleet_agent import gpucache
 from fleet_agent.backends import build_backend_details
 from fleet_agent.candidates import Candidate, enumerate_candidates
+from fleet_agent.contained import ChildOutcome, run_contained
+from fleet_agent.measure import CandidateResult, _measure, detect_weight_quant
 from fleet_agent.policy import Pick, pick
 
 __all__ = ["HEALTH_SCHEMA", "CandidateResult", "HealthReport", "detect_weight_quant",
            "health_check"]
 
 HEALTH_SCHEMA = "fleet.health/1"
-_TIMED_REGION = "input copy + run + every output read back to numpy"
 _SYNTH_SAMPLES = 2
-
-
-@dataclass
-class CandidateResult:
-    """One measured configuration. ``status``: passed | failed | fallback | error."""
-
-    config: RuntimeConfig
-    role: str
-    why: str
-    status: str = "error"
-    effective_backend: str | None = None
-    fell_back: bool = False
-    fallbacks: list[dict[str, Any]] = field(default_factory=list)
-    log: list[str] = field(default_factory=list)
-    load_ms: float | None = None
-    timing: dict[str, Any] | None = None
-    memory: dict[str, Any] = field(default_factory=dict)
-    comparison: dict[str, Any] | None = None
-    conditions: dict[str, Any] = field(default_factory=dict)
-    cache: dict[str, Any] | None = None
-    error: str | None = None
-    reasons: list[str] = field(default_factory=list)
-
-    @property
-    def median_ms(self) -> float | None:
-        return None if self.timing is None else float(self.timing["median_ms"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.config.label(), "config": self.config.to_dict(),
-                "role": self.role, "why": self.why, "status": self.status,
-                "requested_backend": self.config.backend,
-                "effective_backend": self.effective_backend, "fell_back": self.fell_back,
-                "fallbacks": self.fallbacks, "log": self.log[:20], "load_ms": self.load_ms,
-                "timing": self.timing, "memory": self.memory, "comparison": self.comparison,
-                "conditions": self.conditions, "cache": self.cache, "error": self.error,
-                "reasons": self.reasons}
+#: Wall-clock deadline of one contained job (a reference run or one candidate), seconds.
+JOB_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -133,102 +95,151 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _percentile(sorted_ms: Sequence[float], q: float) -> float:
-    if len(sorted_ms) == 1:
-        return sorted_ms[0]
-    pos = q * (len(sorted_ms) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+@dataclass
+class _Reference:
+    """What the CPU reference job found out (or could not: ``outcome`` says why)."""
+
+    outcome: ChildOutcome
+    inputs_info: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    weight_quantized: bool | None = None
+    samples_in: list[dict[str, np.ndarray]] = field(default_factory=list)
+    samples_out: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
-def _timing(samples_ns: Sequence[int]) -> dict[str, Any]:
-    ms = sorted(s / 1e6 for s in samples_ns)
-    return {"iterations": len(ms), "min_ms": round(ms[0], 4),
-            "median_ms": round(statistics.median(ms), 4),
-            "p90_ms": round(_percentile(ms, 0.9), 4), "max_ms": round(ms[-1], 4),
-            "mean_ms": round(statistics.fmean(ms), 4)}
+def _shapes(spec: Mapping[str, Any] | None) -> dict[str, tuple[int, ...]] | None:
+    return None if spec is None else {k: tuple(int(d) for d in v) for k, v in spec.items()}
 
 
-def detect_weight_quant(path: str, input_shapes: Mapping[str, tuple[int, ...]] | None = None
-                        ) -> bool:
-    """True when ``memory: low`` shrinks the CPU session: the weights are int8/int4 packed.
-
-    pymnn exposes no quantization flag; MNN keeps quantized weights packed only in memory
-    low mode, so the session memory tells (FIELD-NOTES 5).
-    """
-    sizes = []
-    for mem in ("normal", "low"):
-        model = LoadedModel.open(path, RuntimeConfig("cpu", memory=mem), input_shapes=input_shapes)
-        sizes.append(model.session_memory_mb())
-        model.close()
-    return sizes[1] < sizes[0] * 0.95
+def _pack(prefix: str, samples: Sequence[Mapping[str, np.ndarray]]
+          ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Samples as ``<prefix>.<i>.<k>`` arrays and the names k indexes."""
+    names = sorted(samples[0]) if samples else []
+    arrays = {f"{prefix}.{i}.{k}": np.asarray(s[n]) for i, s in enumerate(samples)
+              for k, n in enumerate(names)}
+    return names, arrays
 
 
-def _measure(path: str, cand: Candidate, role: str, *, inputs: list[dict[str, np.ndarray]],
-             reference: list[dict[str, np.ndarray]], input_shapes: Mapping[str, tuple[int, ...]]
-             | None, thresholds: Thresholds, warmup: int, iterations: int,
-             cache_file: str | None, cache_info: dict[str, Any] | None) -> CandidateResult:
-    cfg = cand.config
-    res = CandidateResult(config=cfg, role=role, why=cand.why, cache=cache_info)
-    res.conditions = {**cfg.to_dict(), "backend_requested": cfg.backend,
-                      "warmup": warmup, "iterations": iterations,
-                      "timed_region": _TIMED_REGION, "samples_checked": len(inputs),
-                      "load_avg_1m": round(os.getloadavg()[0], 2)
-                      if hasattr(os, "getloadavg") else None}
-    rss_before = current_rss_bytes()
-    try:
-        model = LoadedModel.open(path, cfg, cache_file=cache_file, input_shapes=input_shapes)
-    except InvalidModelError as exc:
-        res.error = exc.message
-        res.reasons.append(f"could not load: {exc.message}")
-        return res
-    res.load_ms = round(model.load_ns / 1e6, 3)
-    res.effective_backend = model.effective_backend
-    res.fell_back = model.fell_back
-    res.fallbacks = [f.to_dict() for f in model.fallbacks]
-    res.log = list(model.log)
-    res.conditions["backend_effective"] = model.effective_backend
-    try:
-        with capture_fds() as cap:
-            for _ in range(warmup):
-                model.run(inputs[0])
-            got = [model.run(feeds) for feeds in inputs]
-            samples: list[int] = []
-            for i in range(iterations):
-                feeds = inputs[i % len(inputs)]
-                t0 = monotonic_ns()
-                model.run(feeds)
-                samples.append(monotonic_ns() - t0)
-        res.log.extend(cap.lines()[:10])
-        res.memory = {"rss_before_bytes": rss_before, "rss_after_bytes": current_rss_bytes(),
-                      "session_mb": round(model.session_memory_mb(), 3),
-                      "process_peak_rss_bytes": peak_rss_bytes()}
-    except Exception as exc:  # a backend that crashes mid-run is a finding, not a crash
-        res.error = f"{type(exc).__name__}: {exc}"
-        res.reasons.append(f"failed while running: {res.error}")
-        model.close()
-        return res
-    model.close()
-    if res.memory["rss_before_bytes"] >= 0 and res.memory["rss_after_bytes"] >= 0:
-        res.memory["rss_delta_bytes"] = (res.memory["rss_after_bytes"]
-                                         - res.memory["rss_before_bytes"])
-    res.timing = _timing(samples) if samples else None
-    comparison = compare_samples(got, reference, thresholds)
-    res.comparison = comparison.to_dict()
-    if res.fell_back:
-        res.status = "fallback"
-        res.reasons.append(f"asked for {cfg.backend}, MNN ran {model.effective_backend}: "
-                           "not eligible as " + cfg.backend)
-    elif not comparison.passed:
+def _unpack(prefix: str, names: Sequence[str], count: int,
+            arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [{n: arrays[f"{prefix}.{i}.{k}"] for k, n in enumerate(names)}
+            for i in range(count)]
+
+
+def reference_target(spec: dict[str, Any], arrays: dict[str, np.ndarray]
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Contained job: the CPU fp32 reference. Model facts and, without golden data, seeded
+    inputs and their outputs (``in.<i>.<k>``/``out.<i>.<k>`` arrays)."""
+    path, input_shapes = str(spec["path"]), _shapes(spec.get("input_shapes"))
+    ref_model = LoadedModel.open(path, RuntimeConfig("cpu", precision="high"),
+                                 input_shapes=input_shapes)
+    data: dict[str, Any] = {
+        "inputs": {k: v.to_dict() for k, v in ref_model.inputs.items()},
+        "outputs": ref_model.output_names(), "samples": 0}
+    out: dict[str, np.ndarray] = {}
+    if spec.get("synthesise"):
+        specs = {k: (list(v.shape), v.dtype) for k, v in ref_model.inputs.items()}
+        rng = np.random.default_rng(int(spec.get("seed", 0)))
+        inputs = [synth_inputs(specs, rng) for _ in range(_SYNTH_SAMPLES)]
+        outputs = [ref_model.run_quiet(feeds)[0] for feeds in inputs]
+        data["in_names"], packed_in = _pack("in", inputs)
+        data["out_names"], packed_out = _pack("out", outputs)
+        data["samples"] = len(inputs)
+        out.update(packed_in)
+        out.update(packed_out)
+    ref_model.close()
+    wq = spec.get("weight_quantized")
+    data["weight_quantized"] = detect_weight_quant(path, input_shapes) if wq is None else wq
+    return data, out
+
+
+def candidate_target(spec: dict[str, Any], arrays: dict[str, np.ndarray]
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Contained job: :func:`_measure` of one candidate (load, warm-up, timed loop and
+    comparison all in the child); returns ``{"result": CandidateResult.to_dict()}``."""
+    cand = Candidate(RuntimeConfig.from_dict(spec["config"]), str(spec["why"]))
+    n = int(spec["samples"])
+    res = _measure(str(spec["path"]), cand, str(spec["role"]),
+                   inputs=_unpack("in", spec["in_names"], n, arrays),
+                   reference=_unpack("ref", spec["ref_names"], n, arrays),
+                   input_shapes=_shapes(spec.get("input_shapes")),
+                   thresholds=Thresholds(**spec["thresholds"]), warmup=int(spec["warmup"]),
+                   iterations=int(spec["iterations"]), cache_file=spec.get("cache_file"),
+                   cache_info=spec.get("cache_info"))
+    res.conditions["contained"] = spec.get("contained", "child process")
+    return {"result": res.to_dict()}, {}
+
+
+#: The contained jobs, as ``module:function`` (tests may point these elsewhere).
+REFERENCE_TARGET = f"{__name__}:reference_target"
+CANDIDATE_TARGET = f"{__name__}:candidate_target"
+
+
+def _reference(path: str, input_shapes: Mapping[str, tuple[int, ...]] | None, *,
+               synthesise: bool, seed: int, weight_quantized: bool | None, isolate: bool,
+               timeout_s: float) -> _Reference:
+    """Run the reference job contained. A Python error in it (a file MNN refuses to load:
+    :class:`InvalidModelError`) is re-raised here; a crash is returned in ``outcome``."""
+    spec = {"path": path, "synthesise": synthesise, "seed": seed,
+            "weight_quantized": weight_quantized,
+            "input_shapes": None if input_shapes is None else
+            {k: list(v) for k, v in input_shapes.items()}}
+    outcome = run_contained(REFERENCE_TARGET, spec, fd_paths=[path], timeout_s=timeout_s,
+                            isolate=isolate)
+    outcome.raise_error()
+    ref = _Reference(outcome)
+    if not outcome.ok:
+        ref.weight_quantized = weight_quantized
+        return ref
+    d, arrays = outcome.data, outcome.arrays
+    ref.inputs_info, ref.outputs = dict(d["inputs"]), list(d["outputs"])
+    ref.weight_quantized = d.get("weight_quantized")
+    n = int(d.get("samples") or 0)
+    if n:
+        ref.samples_in = _unpack("in", d["in_names"], n, arrays)
+        ref.samples_out = _unpack("out", d["out_names"], n, arrays)
+    return ref
+
+
+def _crashed_candidate(cand: Candidate, role: str, outcome: ChildOutcome,
+                       cache_info: dict[str, Any] | None) -> CandidateResult:
+    """A candidate whose child died (or raised outside ``_measure``'s own handling)."""
+    res = CandidateResult(config=cand.config, role=role, why=cand.why, cache=cache_info,
+                          log=list(outcome.log[-10:]))
+    res.conditions = {**cand.config.to_dict(), "backend_requested": cand.config.backend}
+    if outcome.crashed:
         res.status = "failed"
-        res.reasons.extend(comparison.reasons[:5])
-    elif res.timing is None:
-        res.status = "failed"
-        res.reasons.append("no timed iterations")
+        res.crash = outcome.crash_dict()
+        res.error = f"MNN {outcome.describe()} while loading or measuring this candidate"
     else:
-        res.status = "passed"
+        res.status = "error"
+        res.error = outcome.describe()
+    res.reasons.append(res.error)
     return res
+
+
+def _measure_contained(path: str, cand: Candidate, role: str, *, isolate: bool,
+                       timeout_s: float, cache_info: dict[str, Any] | None,
+                       inputs: Sequence[Mapping[str, np.ndarray]],
+                       reference: Sequence[Mapping[str, np.ndarray]],
+                       input_shapes: Mapping[str, tuple[int, ...]] | None,
+                       thresholds: Thresholds, warmup: int, iterations: int,
+                       cache_file: str | None) -> CandidateResult:
+    """One candidate in its own child process (:data:`CANDIDATE_TARGET`)."""
+    in_names, in_arrays = _pack("in", inputs)
+    ref_names, ref_arrays = _pack("ref", reference)
+    spec = {"path": path, "config": cand.config.to_dict(), "why": cand.why, "role": role,
+            "samples": len(inputs), "in_names": in_names, "ref_names": ref_names,
+            "input_shapes": None if input_shapes is None else
+            {k: list(v) for k, v in input_shapes.items()},
+            "thresholds": thresholds.to_dict(), "warmup": warmup, "iterations": iterations,
+            "cache_file": cache_file, "cache_info": cache_info,
+            "contained": "child process" if isolate else "in-process"}
+    outcome = run_contained(CANDIDATE_TARGET, spec, {**in_arrays, **ref_arrays},
+                            fd_paths=[path], timeout_s=timeout_s, isolate=isolate)
+    if outcome.ok:
+        return CandidateResult.from_dict(outcome.data["result"])
+    return _crashed_candidate(cand, role, outcome, cache_info)
 
 
 def health_check(
@@ -248,6 +259,8 @@ def health_check(
     model_digest: str | None = None,
     device_id: str | None = None,
     seed: int = 0,
+    isolate: bool = True,
+    job_timeout_s: float = JOB_TIMEOUT_S,
 ) -> HealthReport:
     """Measure every candidate for ``model_path`` on this device and pick the best.
 
@@ -255,6 +268,8 @@ def health_check(
     ``configured``: the runtime config in force; it is always measured (role
     ``configured``) so the report shows configured vs effective backend.
     ``backends``: extra backends to measure even when the build or probe says no.
+    ``isolate``: run the reference and each candidate in a child process (default; a native
+    crash then fails only that candidate); ``job_timeout_s`` bounds each child.
     Raises :class:`InvalidModelError` when the model does not load on the CPU at all.
     """
     if warmup < 0 or iterations < 1:
@@ -273,31 +288,31 @@ def health_check(
     else:
         input_shapes = None
 
-    ref_model = LoadedModel.open(model_path, RuntimeConfig("cpu", precision="high"),
-                                 input_shapes=input_shapes)
-    model_info: dict[str, Any] = {
-        "path": model_path, "sha256": digest,
-        "inputs": {k: v.to_dict() for k, v in ref_model.inputs.items()},
-        "outputs": ref_model.output_names()}
+    ref = _reference(model_path, input_shapes, synthesise=golden is None, seed=seed,
+                     weight_quantized=weight_quantized, isolate=isolate,
+                     timeout_s=job_timeout_s)
+    model_info: dict[str, Any] = {"path": model_path, "sha256": digest,
+                                  "inputs": ref.inputs_info, "outputs": ref.outputs,
+                                  "weight_quantized": ref.weight_quantized}
     if golden is not None:
         inputs, reference = golden.inputs, golden.outputs
-        ref_info = {"kind": "golden", "variant_checked": True, "samples": golden.samples,
-                    "source": golden.meta.get("reference"),
-                    "note": "outputs of the original model, from the package"}
+        ref_info: dict[str, Any] = {
+            "kind": "golden", "variant_checked": True, "samples": golden.samples,
+            "source": golden.meta.get("reference"), "inputs": golden.input_specs(),
+            "note": "outputs of the original model, from the package"}
+        if not ref.outcome.ok:
+            model_info["inputs"] = golden.input_specs()
+            model_info["outputs"] = sorted(golden.outputs[0])
     else:
-        specs = {k: (list(v.shape), v.dtype) for k, v in ref_model.inputs.items()}
-        rng = np.random.default_rng(seed)
-        inputs = [synth_inputs(specs, rng) for _ in range(_SYNTH_SAMPLES)]
-        reference = [ref_model.run_quiet(feeds)[0] for feeds in inputs]
+        inputs, reference = ref.samples_in, ref.samples_out
         ref_info = {"kind": "cpu_fp32_same_file", "variant_checked": False,
                     "samples": len(inputs), "seed": seed,
                     "note": "no golden data: the CPU fp32 run of this file is the reference, "
                             "so the variant itself (quantization, fp16 storage) was not "
                             "checked"}
-    ref_model.close()
-    if weight_quantized is None:
-        weight_quantized = detect_weight_quant(model_path, input_shapes)
-    model_info["weight_quantized"] = weight_quantized
+    if not ref.outcome.ok:
+        ref_info["cpu_reference"] = {"status": "crashed", "error": ref.outcome.describe(),
+                                     **ref.outcome.crash_dict()}
 
     conf_cfg: RuntimeConfig | None = None
     if configured is not None:
@@ -307,7 +322,7 @@ def health_check(
     if conf_cfg is not None and conf_cfg.backend != "cpu":
         forced.append(conf_cfg.backend)
     cands, skipped = enumerate_candidates(probe, build["backends"],
-                                          weight_quantized=weight_quantized,
+                                          weight_quantized=bool(ref.weight_quantized),
                                           thread_options=thread_options, backends=forced)
     plan: list[tuple[Candidate, str]] = [(c, "candidate") for c in cands]
     if conf_cfg is not None:
@@ -319,7 +334,8 @@ def health_check(
             plan.append((Candidate(conf_cfg, "the configuration in force"), "configured"))
 
     results: list[CandidateResult] = []
-    for cand, role in plan:
+    no_reference = golden is None and not ref.outcome.ok
+    for cand, role in [] if no_reference else plan:
         cache_file: str | None = None
         cache_info: dict[str, Any] | None = None
         backend = cand.config.backend
@@ -329,11 +345,17 @@ def health_check(
                 driver=gpucache.gpu_driver(probe, backend), mnn_version=mnn_version())
             cache_file = None if path is None else str(path)
             cache_info = {**check.to_dict(), "used": path is not None}
-        results.append(_measure(model_path, cand, role, inputs=inputs, reference=reference,
-                                input_shapes=input_shapes, thresholds=th, warmup=warmup,
-                                iterations=iterations, cache_file=cache_file,
-                                cache_info=cache_info))
-    chosen, reasons = pick(results)
+        results.append(_measure_contained(
+            model_path, cand, role, isolate=isolate, timeout_s=job_timeout_s,
+            cache_info=cache_info, inputs=inputs, reference=reference,
+            input_shapes=input_shapes, thresholds=th, warmup=warmup, iterations=iterations,
+            cache_file=cache_file))
+    if no_reference:
+        chosen, reasons = None, [
+            f"the CPU fp32 reference run {ref.outcome.describe()}; without golden data "
+            "there is nothing to check candidates against, none was measured"]
+    else:
+        chosen, reasons = pick(results)
     configured_result = next((r for r in results if r.role == "configured"), None)
     env = {"device_id": device, "machine": platform.machine(), "cores": os.cpu_count(),
            "power": "normal (not changed by the agent)",

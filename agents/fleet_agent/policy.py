@@ -63,8 +63,16 @@ def pick(results: Sequence[Measured]) -> tuple[Pick | None, list[str]]:
         reasons = ["no candidate passed: every measured configuration either produced wrong "
                    f"outputs, fell back to another backend or failed to run "
                    f"(statuses seen: {', '.join(statuses) or 'none'})"]
-        if results and all(r.status == "failed" for r in results
-                           if r.config.backend == "cpu"):
+        crashed = [r for r in results if getattr(r, "crash", None)]
+        if crashed:
+            signals = sorted({str((getattr(r, "crash", None) or {}).get("signal")
+                                  or "timeout/exit") for r in crashed})
+            reasons.append(f"{len(crashed)} candidate(s) crashed MNN natively "
+                           f"({', '.join(signals)}): " + ", ".join(
+                               r.config.label() for r in crashed[:6]))
+        on_cpu = [r for r in results if r.config.backend == "cpu"]
+        if on_cpu and all(r.status == "failed" and not getattr(r, "crash", None)
+                          for r in on_cpu):
             reasons.append("even the CPU candidates fail the reference check: the model file "
                            "itself disagrees with the reference (a broken variant?)")
         return None, reasons

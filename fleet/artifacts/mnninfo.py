@@ -15,8 +15,10 @@ block size is reported when ``readType`` (number of scale groups) exceeds the ou
 channels: block = input channels x kernel area / (readType / output channels). The
 parser only reads files that MNN has already loaded (and so verified).
 
-MNN prints a banner to C stdout when imported; :func:`quiet_stdout` keeps it off a
-command's stdout (which carries JSON).
+Loading runs in a child process (:func:`fleet.artifacts.isolate.run_isolated`): MNN can
+crash natively on a legal model, and its prints (banner, ``getshape: unable to get variable
+info``) must stay off the command's stdout, which carries JSON. :func:`quiet_stdout` does
+the same for in-process callers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fleet.artifacts.isolate import run_isolated
 from fleet.core import errors
 from fleet.core.mnn.weights import inspect_weights
 
@@ -57,42 +60,44 @@ def quiet_stdout() -> Iterator[None]:
 
 
 def _tensor_facts(var: Any) -> dict[str, Any]:
+    """Shape (``-1`` for a dynamic dim, None when MNN cannot tell even the rank), dtype and
+    layout of one ``MNN.expr`` variable. pymnn raises ``SystemError`` reading ``shape`` or
+    ``data_format`` of a tensor whose shape needs a resize first (an output behind a
+    dynamic input) and prints ``getshape: unable to get variable info``; each fact is read
+    on its own so one that cannot be read is None, not a crash."""
     def name_of(v: Any) -> str:
         return str(v).rsplit(".", 1)[-1]
 
-    try:
-        shape = [int(d) for d in var.shape]
-    except Exception:  # dynamic or unknown shape
-        shape = None
-    return {"shape": shape, "dtype": name_of(var.dtype), "format": name_of(var.data_format)}
+    facts: dict[str, Any] = {"shape": None, "dtype": None, "format": None}
+    with contextlib.suppress(Exception):  # dynamic or unknown shape: SystemError
+        facts["shape"] = [int(d) if int(d) >= 0 else -1 for d in var.shape]
+    for key, attr in (("dtype", "dtype"), ("format", "data_format")):
+        with contextlib.suppress(Exception):  # the same
+            facts[key] = name_of(getattr(var, attr))
+    return facts
 
 
-def validate_mnn(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``path`` with MNN (InvalidModelError if it cannot) and return its facts."""
-    p = Path(path)
-    if not p.is_file():
-        raise errors.InvalidModelError(f"{p}: no such model file", path=str(p))
-    with p.open("rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        raise errors.InvalidModelError(f"{p} is not an MNN model (too short)", path=str(p))
-    with quiet_stdout():
-        import MNN
+def _describe(p: Path) -> dict[str, Any]:
+    """Load ``p`` with MNN and describe it: run in an isolated child (MNN may crash)."""
+    from fleet.core.mnn.fdcapture import capture_fds
+    from fleet.core.mnn.session import mnn
 
+    with capture_fds():
+        mod = mnn()
         try:
-            module = MNN.nn.load_module_from_file(str(p), [], [])
+            module = mod.nn.load_module_from_file(str(p), [], [])
             info = module.get_info()
-        except Exception as exc:  # pymnn raises SystemError/Exception for a bad file
+        except Exception:  # pymnn raises SystemError/Exception for a bad file
             raise errors.InvalidModelError(f"{p} is not a loadable MNN model",
-                                           path=str(p)) from exc
+                                           path=str(p)) from None
         try:
-            tensors = MNN.expr.load_as_dict(str(p))
+            tensors = mod.expr.load_as_dict(str(p))
         except Exception:
             tensors = {}
-    inputs = [{"name": n, **_tensor_facts(tensors[n])} if n in tensors else {"name": n}
-              for n in info.get("inputNames", [])]
-    outputs = [{"name": n, **_tensor_facts(tensors[n])} if n in tensors else {"name": n}
-               for n in info.get("outputNames", [])]
+        inputs = [{"name": n, **_tensor_facts(tensors[n])} if n in tensors else {"name": n}
+                  for n in info.get("inputNames", [])]
+        outputs = [{"name": n, **_tensor_facts(tensors[n])} if n in tensors else {"name": n}
+                   for n in info.get("outputNames", [])]
     weights = inspect_weights(p)
     bits = weights["bits"]
     blocks = weights["blocks"]
@@ -104,6 +109,23 @@ def validate_mnn(path: str | os.PathLike[str]) -> dict[str, Any]:
         "quant_block": blocks[0] if len(blocks) == 1 else (blocks or None),
         "fp16": weights["fp16_layers"] > 0,
     }
+
+
+def validate_mnn(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``path`` with MNN in an isolated child and return its facts.
+
+    Raises InvalidModelError (exit 9) when the file is missing, MNN cannot load it, or MNN
+    crashes on it (``"validating m.mnn: MNN crashed (SIGILL)"``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise errors.InvalidModelError(f"{p}: no such model file", path=str(p))
+    with p.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise errors.InvalidModelError(f"{p} is not an MNN model (too short)", path=str(p))
+    facts: dict[str, Any] = run_isolated(_describe, p, what=f"validating {p.name}",
+                                         error=errors.InvalidModelError)
+    return facts
 
 
 #: the name ``fleet.rollout.packaging`` uses: validate and describe in one call

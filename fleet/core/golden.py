@@ -9,8 +9,12 @@ package. TFLite has no reference runtime here: its golden comes from the float M
 conversion, and ``meta["reference"]`` says so.
 
 Format: an ``.npz`` (no pickles) with ``in.<sample>.<k>`` and ``out.<sample>.<k>`` arrays
-and ``__meta__``, UTF-8 JSON bytes: schema, input/output names (k indexes them), the
-source kind and sha256, the seed and the runtime that produced the outputs.
+and ``__meta__``, UTF-8 JSON bytes: schema, inputs (k indexes them), output names, the
+source kind and sha256, the seed and the runtime that produced the outputs. ``inputs`` is a
+list of ``{"name", "shape", "dtype"}`` (the shape and dtype of sample 0, as the original
+model took them: an ONNX int64 input stays int64 here); files written before that carry a
+list of names, which still load. The device feeds these arrays as given (converted to the
+dtype of MNN's own session tensor, resized to their shape), never re-synthesised.
 """
 
 from __future__ import annotations
@@ -25,34 +29,81 @@ from typing import Any
 import numpy as np
 
 from fleet.core.errors import InvalidModelError, UsageError
+from fleet.core.limits import MAX_GOLDEN_BYTES
 
-__all__ = ["GOLDEN_SCHEMA", "Golden", "synth_inputs"]
+__all__ = ["DEFAULT_INT_BOUNDS", "GOLDEN_SCHEMA", "SYNTH_DTYPES", "Golden",
+           "synth_inputs"]
 
 GOLDEN_SCHEMA = "fleet.golden/1"
-_MAX_GOLDEN_BYTES = 64 << 20
+_MAX_GOLDEN_BYTES = MAX_GOLDEN_BYTES  # one cap, controller and device (fleet.core.limits)
 
 
-def synth_inputs(specs: Mapping[str, tuple[Sequence[int], str]], rng: np.random.Generator
+#: dtype name -> what :func:`synth_inputs` draws for it.
+SYNTH_DTYPES = ("float32", "float16", "float64", "int64", "int32", "uint8", "int8", "bool")
+#: Integer inputs without bounds are drawn from [0, 16): small, non-negative (safe as an
+#: index into most tables, never negative).
+DEFAULT_INT_BOUNDS = (0, 16)
+
+
+def _synth_dtype(name: str, dtype: str | np.dtype[Any]) -> np.dtype[Any]:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise UsageError(f"input {name!r}: unknown dtype {dtype!r}; known: "
+                         f"{', '.join(SYNTH_DTYPES)}", input=name) from exc
+    if dt.name not in SYNTH_DTYPES:
+        raise UsageError(f"input {name!r}: cannot synthesise dtype {dt.name}; known: "
+                         f"{', '.join(SYNTH_DTYPES)}", input=name)
+    return dt
+
+
+def _int_bounds(name: str, dt: np.dtype[Any], given: tuple[int, int] | None
+                ) -> tuple[int, int]:
+    low, high = given if given is not None else DEFAULT_INT_BOUNDS
+    info = np.iinfo(dt)
+    if given is None:  # the default, clipped to what the dtype holds
+        return max(low, int(info.min)), min(high, int(info.max) + 1)
+    low, high = int(low), int(high)
+    if high <= low:
+        raise UsageError(f"input {name!r}: empty integer range [{low}, {high})", input=name)
+    if low < info.min or high - 1 > info.max:
+        raise UsageError(f"input {name!r}: range [{low}, {high}) does not fit {dt.name}",
+                         input=name)
+    return low, high
+
+
+def synth_inputs(specs: Mapping[str, tuple[Sequence[int], str]], rng: np.random.Generator,
+                 bounds: Mapping[str, tuple[int, int]] | None = None
                  ) -> dict[str, np.ndarray]:
-    """Seeded inputs for shapes and dtypes: floats uniform in [-1, 1), integers in [0, 16).
+    """Seeded inputs for ``specs``: ``{name: (shape, dtype name)}`` -> ``{name: array}``.
 
-    Used by the controller (golden) and the device (reference without golden), so both
-    sides make inputs the same way.
+    - float32/float16/float64: uniform in [-1, 1), drawn in float64 and cast;
+    - int64/int32/uint8/int8: uniform integers in ``bounds[name]`` = ``(low, high)``, low
+      inclusive, high exclusive (numpy's ``Generator.integers``), e.g. ``(0, 10)`` for the
+      indices of an embedding of 10 rows; without bounds [0, 16) clipped to the dtype;
+    - bool: False/True with equal odds.
+
+    Inputs are drawn in sorted name order, so the same seed gives the same arrays on the
+    controller (golden) and the device (reference without golden).
+    Raises :class:`UsageError` for a dynamic dimension (<= 0), an unknown dtype, or bounds
+    that are empty or do not fit the dtype.
     """
     out: dict[str, np.ndarray] = {}
+    limits = dict(bounds or {})
     for name in sorted(specs):
-        shape, dtype = specs[name]
-        shape = tuple(int(d) for d in shape)
+        shape_in, dtype = specs[name]
+        shape = tuple(int(d) for d in shape_in)
         if any(d <= 0 for d in shape):
             raise UsageError(f"input {name!r} has a dynamic shape {list(shape)}: "
                              "give an input spec", input=name)
-        dt = np.dtype(dtype)
-        if np.issubdtype(dt, np.floating):
+        dt = _synth_dtype(name, dtype)
+        if dt.kind == "f":
             out[name] = rng.uniform(-1.0, 1.0, size=shape).astype(dt)
-        elif np.issubdtype(dt, np.integer):
-            out[name] = rng.integers(0, 16, size=shape).astype(dt)
+        elif dt.kind == "b":
+            out[name] = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:
-            raise UsageError(f"input {name!r}: cannot synthesise dtype {dt}", input=name)
+            low, high = _int_bounds(name, dt, limits.get(name))
+            out[name] = rng.integers(low, high, size=shape).astype(dt)
     return out
 
 
@@ -76,10 +127,17 @@ class Golden:
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.inputs[0].items()}
 
+    def input_specs(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"shape": [...], "dtype": "int64"}}`` of sample 0, as written to meta."""
+        return {k: {"shape": [int(d) for d in v.shape], "dtype": str(v.dtype)}
+                for k, v in self.inputs[0].items()}
+
     def to_bytes(self) -> bytes:
         in_names = sorted(self.inputs[0])
         out_names = sorted(self.outputs[0])
-        meta = {**self.meta, "schema": GOLDEN_SCHEMA, "inputs": in_names,
+        specs = self.input_specs()
+        meta = {**self.meta, "schema": GOLDEN_SCHEMA,
+                "inputs": [{"name": n, **specs[n]} for n in in_names],
                 "outputs": out_names, "samples": self.samples}
         arrays: dict[str, np.ndarray] = {
             "__meta__": np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)}
@@ -107,13 +165,40 @@ class Golden:
                 meta = json.loads(bytes(npz["__meta__"]).decode())
                 if meta.get("schema") != GOLDEN_SCHEMA:
                     raise InvalidModelError(f"unknown golden schema {meta.get('schema')!r}")
-                in_names, out_names = meta["inputs"], meta["outputs"]
+                in_names = [_input_name(e) for e in meta["inputs"]]
+                out_names = [str(n) for n in meta["outputs"]]
                 inputs, outputs = [], []
                 for i in range(int(meta["samples"])):
                     inputs.append({n: npz[f"in.{i}.{k}"] for k, n in enumerate(in_names)})
                     outputs.append({n: npz[f"out.{i}.{k}"] for k, n in enumerate(out_names)})
         except InvalidModelError:
             raise
-        except (ValueError, KeyError, OSError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as exc:
             raise InvalidModelError(f"golden data unreadable: {exc}") from exc
+        _check_declared(meta["inputs"], inputs)
         return cls(inputs=inputs, outputs=outputs, meta=meta)
+
+
+def _input_name(entry: Any) -> str:
+    """A ``meta["inputs"]`` entry: a name (older files) or ``{"name", "shape", "dtype"}``."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        return str(entry["name"])
+    raise TypeError(f"bad input entry {entry!r} in golden meta")
+
+
+def _check_declared(entries: Sequence[Any], inputs: Sequence[Mapping[str, np.ndarray]]
+                    ) -> None:
+    """Sample 0's arrays must have the shape and dtype the meta declares for them."""
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        arr = inputs[0][entry["name"]]
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if shape is not None and [int(d) for d in shape] != list(arr.shape):
+            raise InvalidModelError(f"golden input {entry['name']!r}: meta says shape "
+                                    f"{shape}, the data is {list(arr.shape)}")
+        if dtype is not None and str(dtype) != str(arr.dtype):
+            raise InvalidModelError(f"golden input {entry['name']!r}: meta says dtype "
+                                    f"{dtype}, the data is {arr.dtype}")

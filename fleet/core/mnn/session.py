@@ -9,6 +9,15 @@ Why a wrapper at all:
   is the one place that turns names into the integers pymnn needs.
 - The *effective* backend is what matters, not the requested one (FIELD-NOTES 2): each
   session records the fallback log line and ``Interpreter.getSessionInfo(session, 2)``.
+- Inputs are fed in the dtype of MNN's own session tensor (FIELD-NOTES "Integer inputs"):
+  MNN keeps an int64 (and a bool) model input as an int32 session tensor, a float16 one as
+  float32, and copying a host tensor of another type prints ``Input type not match
+  session's tensor`` and leaves garbage. pymnn 3.6.1 cannot read or build an int8 tensor
+  (``getNumpyData`` raises), so an int8 input is written byte for byte into a host tensor
+  of the session's own type (checked: an ONNX int8 input reproduces exactly).
+- Dynamic inputs (FIELD-NOTES "Dynamic shapes", ``[-1, 3, -1, -1]``) are resized to the
+  shape the caller gives (or the shape of the array fed) before anything reads their
+  shape, dtype or layout: reading them before raises inside pymnn.
 
 The session API (``MNN.Interpreter``) is used rather than ``nn.load_module_from_file``
 because only the session API exposes the session's backend type and cache file.
@@ -16,6 +25,7 @@ because only the session API exposes the session's backend type and cache file.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import re
 import time
@@ -201,6 +211,10 @@ def parse_fallbacks(text: str) -> list[Fallback]:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """A session input: its shape (``-1`` where dynamic and not resized) and the numpy
+    dtype name of MNN's session tensor (``int32`` for an int64 model input), or
+    ``"unknown"`` where pymnn cannot say (a dynamic input before a resize; int8)."""
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -215,6 +229,61 @@ class TensorSpec:
 _HALIDE = {"float32": "Halide_Type_Float", "int32": "Halide_Type_Int",
            "uint8": "Halide_Type_Uint8", "int64": "Halide_Type_Int64",
            "float64": "Halide_Type_Double"}
+UNKNOWN_DTYPE = "unknown"
+
+
+def _capsule_pointer(capsule: Any) -> int:
+    """The address a PyCapsule holds (pymnn's ``Tensor.getHost()``), or 0."""
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    return int(api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)) or 0)
+
+
+def _session_dtype(mod: Any, tensor: Any) -> str:
+    """numpy dtype name of a session tensor, read through a host copy of it."""
+    if any(int(d) < 0 for d in tensor.getShape()):
+        return UNKNOWN_DTYPE
+    try:
+        host = mod.Tensor(tensor, _host_dim(mod, tensor))
+        return str(np.asarray(host.getNumpyData()).dtype)
+    except Exception:  # pymnn raises bare Exception (or SystemError) for int8 tensors:
+        return UNKNOWN_DTYPE  # "tensor can not be read as numpy"
+
+
+def to_session_dtype(name: str, value: np.ndarray, dtype: str) -> np.ndarray:
+    """``value`` converted to the session tensor's dtype, C-contiguous.
+
+    Integers must fit the target (an int64 id above 2**31 - 1 is refused, never wrapped);
+    floats are not fed to an integer tensor. ``dtype`` ``"unknown"`` (int8 session tensors)
+    takes only 1-byte arrays, which :meth:`LoadedModel.run` writes byte for byte.
+    Raises :class:`UsageError`.
+    """
+    arr = np.asarray(value)
+    if dtype == UNKNOWN_DTYPE:
+        if arr.dtype.itemsize != 1 or arr.dtype.kind not in "iub":
+            raise UsageError(f"input {name!r}: pymnn cannot tell this session tensor's type "
+                             f"(int8?) and a {arr.dtype} array cannot be fed byte for byte",
+                             input=name)
+        return np.ascontiguousarray(arr)
+    target = np.dtype(dtype)
+    if arr.dtype == target:
+        return np.ascontiguousarray(arr)
+    if target.kind in "iu":
+        if arr.dtype.kind == "f":
+            raise UsageError(f"input {name!r}: {arr.dtype} data for an integer ({dtype}) "
+                             "model input", input=name)
+        if arr.size and arr.dtype.kind in "iu":
+            info = np.iinfo(target)
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < info.min or hi > info.max:
+                raise UsageError(f"input {name!r}: values [{lo}, {hi}] do not fit MNN's "
+                                 f"{dtype} session tensor", input=name)
+    elif arr.dtype.kind not in "fiub":
+        raise UsageError(f"unsupported input dtype {arr.dtype} for {name!r}", input=name)
+    return np.ascontiguousarray(arr.astype(target))
 
 
 def _host_dim(mod: Any, tensor: Any) -> Any:
@@ -288,10 +357,41 @@ class LoadedModel:
         specs: dict[str, TensorSpec] = {}
         with capture_fds():
             for name, tensor in self.interpreter.getSessionInputAll(self.session).items():
-                host = mod.Tensor(tensor, _host_dim(mod, tensor))
-                dtype = str(np.asarray(host.getNumpyData()).dtype)
-                specs[name] = TensorSpec(tuple(int(d) for d in host.getShape()), dtype)
+                specs[name] = TensorSpec(tuple(int(d) for d in tensor.getShape()),
+                                         _session_dtype(mod, tensor))
         return specs
+
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` converted once to the session dtypes, so a timed loop copies only.
+
+        Resizes the session first where an array's shape differs from the input's.
+        """
+        with capture_fds():
+            self._resize_for(feeds)
+        return {k: to_session_dtype(k, v, self._input_dtype(k)) for k, v in feeds.items()}
+
+    def _input_dtype(self, name: str) -> str:
+        spec = self.inputs.get(name)
+        if spec is None:
+            raise UsageError(f"model has no input {name!r}", input=name)
+        return spec.dtype
+
+    def _resize_for(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Resize inputs whose session shape differs from the array fed (dynamic ones)."""
+        tensors = self.interpreter.getSessionInputAll(self.session)
+        resized = False
+        for name, value in feeds.items():
+            tensor = tensors.get(name)
+            if tensor is None:
+                raise UsageError(f"model has no input {name!r}", input=name)
+            shape = tuple(int(d) for d in np.shape(value))
+            if tuple(int(d) for d in tensor.getShape()) != shape:
+                self.interpreter.resizeTensor(tensor, shape)
+                resized = True
+        if resized:
+            self.interpreter.resizeSession(self.session)
+            self._out_hosts.clear()
+            self.inputs = self._input_specs()
 
     def output_names(self) -> list[str]:
         with capture_fds():
@@ -304,22 +404,25 @@ class LoadedModel:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Copy inputs in, run, and read every output back to numpy (the sync GPU needs).
 
+        Each input is converted to its session tensor's dtype (:func:`to_session_dtype`;
+        a no-op for arrays from :meth:`prepare`) and the session is resized first where
+        an array's shape differs from the input's.
+
         Reading the outputs back is what makes an asynchronous backend finish its work
         (FIELD-NOTES 4), so a caller that times this call times the whole inference.
         """
         mod = mnn()
         interp, session = self.interpreter, self.session
+        self._resize_for(feeds)
         tensors = interp.getSessionInputAll(session)
         for name, value in feeds.items():
-            tensor = tensors.get(name)
-            if tensor is None:
-                raise UsageError(f"model has no input {name!r}", input=name)
-            arr = np.ascontiguousarray(value)
-            halide = _HALIDE.get(str(arr.dtype))
-            if halide is None:
-                raise UsageError(f"unsupported input dtype {arr.dtype} for {name!r}",
-                                 input=name)
-            host = mod.Tensor(tuple(arr.shape), getattr(mod, halide), arr,
+            tensor = tensors[name]
+            dtype = self._input_dtype(name)
+            arr = to_session_dtype(name, value, dtype)
+            if dtype == UNKNOWN_DTYPE:
+                _write_raw(mod, tensor, arr, name)
+                continue
+            host = mod.Tensor(tuple(arr.shape), getattr(mod, _HALIDE[dtype]), arr,
                               _host_dim(mod, tensor))
             tensor.copyFromHostTensor(host)
         interp.runSession(session)
@@ -345,3 +448,22 @@ class LoadedModel:
             self._out_hosts.clear()
             self.session = None
             self.interpreter = None
+
+
+def _write_raw(mod: Any, tensor: Any, arr: np.ndarray, name: str) -> None:
+    """Copy a 1-byte-per-element array into a host tensor of the session's own type.
+
+    For session tensors pymnn cannot build a host tensor for (int8). Memory-safe: the host
+    buffer holds ``count`` elements of at least one byte and exactly ``count`` bytes are
+    written, ``count`` checked against the array.
+    """
+    host = mod.Tensor(tensor, _host_dim(mod, tensor))
+    count = int(np.prod([int(d) for d in host.getShape()], dtype=np.int64))
+    if count != arr.size or arr.dtype.itemsize != 1:
+        raise UsageError(f"input {name!r}: {arr.size} element(s) of {arr.dtype} for a "
+                         f"session tensor of {count}", input=name)
+    address = _capsule_pointer(host.getHost())
+    if not address:
+        raise UsageError(f"input {name!r}: no host buffer to write into", input=name)
+    ctypes.memmove(address, arr.ctypes.data, arr.nbytes)
+    tensor.copyFromHostTensor(host)
