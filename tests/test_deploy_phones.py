@@ -132,7 +132,7 @@ def test_iphone_app_missing_is_a_clear_error(phones: Phones, tmp_path: Path) -> 
     ios.set_app(phones.home, victim, "missing")
     try:
         r = phones.fleet("audit", "--device", victim, "--json")
-        assert r.exit_code == 20
+        assert r.exit_code == 12  # its one device: app_not_installed, a transport error
         row = json.loads(r.stdout)[0]
         assert row["error"].startswith("app_not_installed")
         assert "not installed" in row["error"] or "ApplicationLookupFailed" in row["error"]

@@ -9,7 +9,6 @@ previous one keeps serving.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,9 @@ def _report_path(ctx: AgentContext, name: str, version: int) -> Path:
 
 
 def _save_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    from fleet.core.fsutil import atomic_write  # O_EXCL | O_NOFOLLOW temp file
+
+    atomic_write(path, json.dumps(data, sort_keys=True, default=str).encode())
 
 
 def _summary(name: str, version: int, digest: str, health: dict[str, Any],
@@ -76,7 +74,8 @@ def _summary(name: str, version: int, digest: str, health: dict[str, Any],
             "pick_reasons": health.get("pick_reasons"), "reference": health.get("reference"),
             "candidates": [{k: c.get(k) for k in ("label", "status", "effective_backend",
                                                   "fell_back", "timing", "comparison",
-                                                  "reasons", "role")} for c in cands]}
+                                                  "reasons", "role", "error", "crash")}
+                           for c in cands]}
 
 
 def _health(ctx: AgentContext, store: Any, name: str, version: int, args: dict[str, Any],
@@ -106,7 +105,8 @@ def stage(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
     path = args.get("path")
     if not path:
         raise errors.UsageError("stage needs 'path' (the pushed package)")
-    staged = _store(ctx).stage(path, order=args.get("order"))
+    staged = _store(ctx).stage(path, order=args.get("order"), trust=args.get("trust"),
+                               controller_time=args.get("controller_time"))
     with_remove = args.get("remove_incoming", True)
     if with_remove and Path(path).resolve().parent == ctx.incoming.resolve():
         Path(path).unlink(missing_ok=True)  # the verified copy lives in store/
@@ -123,7 +123,8 @@ def activate(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
     manifest, health = _health(ctx, store, name, version, args, probe)
     pick = health.pop("_pick_obj")
     _save_json(_report_path(ctx, name, version), health)
-    if pick is None:
+    if pick is None:  # refused: its package goes and it does not raise the floor
+        store.refuse(name, version, "; ".join(health.get("pick_reasons") or []) or "health")
         raise errors.HealthCheckError(
             f"{name}@{version}: no backend produced correct outputs; not activated "
             f"({'; '.join(health.get('pick_reasons') or [])})", name=name, version=version,
@@ -143,7 +144,8 @@ def activate(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
 
 def rollback(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
     store = _store(ctx)
-    change = store.rollback(str(args["name"]), order=args.get("order"))
+    change = store.rollback(str(args["name"]), order=args.get("order"),
+                            trust=args.get("trust"), controller_time=args.get("controller_time"))
     result: dict[str, Any] = change.to_dict()
     return result
 

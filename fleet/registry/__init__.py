@@ -6,6 +6,7 @@ from fleet.registry.api import Registry
 from fleet.registry.models import (
     Artifact,
     CapabilitySnapshot,
+    Counter,
     Deployment,
     DeploymentStep,
     Device,
@@ -21,6 +22,7 @@ from fleet.registry.models import (
 __all__ = [
     "Artifact",
     "CapabilitySnapshot",
+    "Counter",
     "Deployment",
     "DeploymentStep",
     "Device",

@@ -1,51 +1,74 @@
 """The registry's front door: open it, and query or change devices and groups.
 
 Deployments, reports and findings have their own module (:mod:`fleet.registry.history`);
-both work through :class:`Registry`, which owns the engine and sessions.
+both work through :class:`Registry`, which owns the engine and sessions. Every session
+maps storage faults to registry errors (:mod:`fleet.registry.faults`): a read-only, full
+or locked-too-long registry raises :class:`RegistryReadOnlyError`,
+:class:`RegistryFullError` or :class:`RegistryBusyError` with the transaction rolled back,
+never a driver exception.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from fleet.core import errors
 from fleet.home import FleetHome
-from fleet.registry.db import check_schema, make_engine, migrate
+from fleet.registry.db import READS_ONLY, check_schema, make_engine, migrate, open_read_only
+from fleet.registry.faults import map_registry_errors, os_error_for
 from fleet.registry.models import Device, Group, Membership
+from fleet.registry.status import DeviceState, answered, device_status, says_about_device
+from fleet.registry.types import utcnow
 from fleet.transports.uri import parse_uri
 
 __all__ = ["Registry"]
 
 
 class Registry:
-    def __init__(self, engine: Engine, url: str) -> None:
+    def __init__(self, engine: Engine, url: str, *, read_only: bool = False) -> None:
         self.engine = engine
         self.url = url
+        #: opened from a read-only mount: reads work, any write raises RegistryReadOnlyError
+        self.read_only = read_only
+        self._reader = engine.execution_options(**{READS_ONLY: True})
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def open(cls, home: FleetHome) -> Registry:
-        """Open an initialised registry; refuse a missing, older or newer schema."""
+        """Open an initialised registry; refuse a missing, older or newer schema.
+
+        Raises NotInitializedError, SchemaTooNewError, RegistryError (older schema), or the
+        registry error of a storage fault (RegistryBusyError, RegistryIOError, ...)."""
         url = home.db_url
         if url.startswith("sqlite:///") and not (home.db_override or
                                                   (home.path / "registry.db").exists()):
             raise errors.NotInitializedError(
                 f"no fleet registry in {home.path}: run `fleet init` first", home=str(home.path))
-        engine = make_engine(url)
+        read_only = open_read_only(url)
+        engine = make_engine(url, read_only=read_only)
         check_schema(engine, url)
-        return cls(engine, url)
+        return cls(engine, url, read_only=read_only)
 
     @classmethod
     def init(cls, home: FleetHome) -> Registry:
-        """Create the home and migrate the registry to head (idempotent)."""
-        home.ensure()
+        """Create the home and migrate the registry to head (idempotent). Raises
+        RegistryReadOnlyError / RegistryFullError when the home cannot be written."""
+        try:
+            home.ensure()
+        except OSError as exc:
+            mapped = os_error_for(exc, home.path)
+            if mapped is None:
+                raise
+            raise mapped from exc
         migrate(home.db_url)
         engine = make_engine(home.db_url)
         check_schema(engine, home.db_url)
@@ -53,13 +76,24 @@ class Registry:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as s:
+        """One transaction: committed when the block ends, rolled back when it raises.
+        Storage faults raise registry errors (see the module docstring)."""
+        with map_registry_errors(self.url), Session(self.engine, expire_on_commit=False) as s:
             try:
                 yield s
                 s.commit()
             except BaseException:
-                s.rollback()
+                with contextlib.suppress(DBAPIError):  # keep the first error, not this one
+                    s.rollback()
                 raise
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A transaction that only reads: it does not take the write lock, so it goes on
+        while another command writes (SQLite WAL). Storage faults raise registry errors;
+        a write in it fails (SQLITE_BUSY) rather than queueing: use :meth:`session`."""
+        with map_registry_errors(self.url), Session(self._reader, expire_on_commit=False) as s:
+            yield s  # closing ends the transaction and keeps the loaded rows usable
 
     def close(self) -> None:
         self.engine.dispose()
@@ -102,24 +136,43 @@ class Registry:
             s.add(dev)
             return dev
 
-    def touch_device(self, name: str, *, status: str | None = None,
-                     agent_version: str | None = None, seen: datetime | None = None) -> None:
-        from fleet.registry.types import utcnow
+    def record_contact(self, name: str, error: BaseException | None = None, *,
+                       agent_version: str | None = None, seen: datetime | None = None
+                       ) -> DeviceState:
+        """Record how a contact with device ``name`` ended (``error`` None: it went well)
+        and return its new status, decided by :func:`fleet.registry.status.device_status`.
+        The one writer of ``devices.status``; errors that say nothing about the device
+        (registry, usage, plan) leave it as it was. Raises NotFoundError."""
+        cls = type(error) if error is not None else None
         with self.session() as s:
             dev = self._device(s, name)
-            dev.last_seen = seen or utcnow()
-            if status:
-                dev.status = status
+            if answered(cls):
+                dev.last_seen = seen or utcnow()
+            state = device_status(cls, dev.last_seen, previous=dev.status)
+            if cls is None:
+                dev.last_error = None
+            elif says_about_device(cls):
+                dev.last_error = str(getattr(error, "code", cls.__name__))
+            dev.status = state.value
             if agent_version:
                 dev.agent_version = agent_version
             s.add(dev)
+            return state
+
+    def touch_device(self, name: str, *, status: str | None = None,
+                     agent_version: str | None = None, seen: datetime | None = None) -> None:
+        """A contact that went well (:meth:`record_contact` with no error); ``status``
+        overrides the decided status (kept for callers that set it themselves)."""
+        self.record_contact(name, None, agent_version=agent_version, seen=seen)
+        if status:
+            self.update_device(name, status=DeviceState(status).value)
 
     def get_device(self, name: str) -> Device:
-        with self.session() as s:
+        with self.reading() as s:
             return self._device(s, name)
 
     def list_devices(self, group: str | None = None) -> list[Device]:
-        with self.session() as s:
+        with self.reading() as s:
             if group is None:
                 return list(s.exec(select(Device).order_by(col(Device.name))).all())
             g = self._group(s, group)
@@ -136,7 +189,7 @@ class Registry:
             s.delete(dev)
 
     def groups_of(self, name: str) -> list[str]:
-        with self.session() as s:
+        with self.reading() as s:
             dev = self._device(s, name)
             stmt = (select(Group.name).join(Membership, col(Membership.group_id) == col(Group.id))
                     .where(Membership.device_id == dev.id).order_by(col(Group.name)))
@@ -158,16 +211,27 @@ class Registry:
             return self._group(s, name, create=True)
 
     def list_groups(self) -> list[tuple[Group, int]]:
-        with self.session() as s:
-            groups = list(s.exec(select(Group).order_by(col(Group.name))).all())
-            out = []
-            for g in groups:
-                n = len(s.exec(select(Membership).where(Membership.group_id == g.id)).all())
-                out.append((g, n))
+        """Every group and its number of devices (one query)."""
+        with self.reading() as s:
+            stmt = (select(Group, func.count(col(Membership.device_id)))
+                    .outerjoin(Membership, col(Membership.group_id) == col(Group.id))
+                    .group_by(col(Group.id)).order_by(col(Group.name)))
+            return [(g, int(n)) for g, n in s.exec(stmt).all()]
+
+    def groups_by_device(self) -> dict[str, list[str]]:
+        """Device name -> its groups' names, sorted, for every device (one query)."""
+        with self.reading() as s:
+            stmt = (select(Device.name, Group.name)
+                    .join(Membership, col(Membership.device_id) == col(Device.id))
+                    .join(Group, col(Group.id) == col(Membership.group_id))
+                    .order_by(col(Device.name), col(Group.name)))
+            out: dict[str, list[str]] = {}
+            for dev_name, group_name in s.exec(stmt).all():
+                out.setdefault(dev_name, []).append(group_name)
             return out
 
     def get_group(self, name: str) -> Group:
-        with self.session() as s:
+        with self.reading() as s:
             return self._group(s, name)
 
     def add_to_group(self, group: str, device_names: Iterable[str]) -> list[str]:

@@ -2,24 +2,35 @@
 
 No secrets live here: device and controller keys appear only as public parts and
 fingerprints. Every state change of a deployment step is its own row (``StepEvent``), so
-a deployment survives a controller crash and can be resumed or audited.
+after a controller crash the registry still says how far each device got: it can be
+audited, and ``fleet deployment resume`` reconciles from it
+(:mod:`fleet.rollout.reconcile`). A running deployment holds a lease (host, pid,
+heartbeat; :mod:`fleet.rollout.lease`). States are enums (:class:`DeploymentState`,
+:class:`StepState`), stored as their string values.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
-from sqlmodel import Field, SQLModel
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import AutoString, Field, SQLModel
 
 from fleet.registry.types import UTCDateTime, utcnow
 
 __all__ = [
     "Artifact",
+    "ArtifactVersion",
     "CapabilitySnapshot",
+    "Counter",
     "Deployment",
+    "DeploymentKind",
+    "DeploymentState",
     "DeploymentStep",
     "Device",
     "Finding",
@@ -29,11 +40,82 @@ __all__ = [
     "PublicKey",
     "Report",
     "StepEvent",
+    "StepState",
 ]
 
 
 def _ts(**kw: Any) -> Any:
     return Field(default_factory=utcnow, sa_type=UTCDateTime, **kw)
+
+
+class DeploymentState(StrEnum):
+    """A deployment's lifecycle (``running`` is the only state that holds a lease)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"  #: every device ended well (ok, staged or skipped)
+    FAILED = "failed"  #: some devices failed
+    HALTED = "halted"  #: a wave gate stopped it; its rollbacks are recorded on its steps
+    INTERRUPTED = "interrupted"  #: Ctrl-C, or its controller died (stale lease): resumable
+    CANCELLED = "cancelled"  #: an operator cancelled it (`fleet deployment cancel`)
+
+    @property
+    def finished(self) -> bool:
+        return self not in (DeploymentState.RUNNING, DeploymentState.INTERRUPTED)
+
+
+class DeploymentKind(StrEnum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"  #: `fleet rollback`: its own deployment, ``reverts_id`` if known
+
+
+class StepState(StrEnum):
+    """One device's step; each change is a :class:`StepEvent` row. ``activating`` is
+    written *before* the activate call, so after a crash the registry says whether the
+    controller asked for an activation (the reconcile table depends on it)."""
+
+    PENDING = "pending"
+    CONNECTING = "connecting"
+    PUSHING = "pushing"
+    PUSHED = "pushed"
+    STAGED = "staged"
+    ACTIVATING = "activating"
+    ACTIVATED = "activated"
+    OK = "ok"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  #: its deployment was cancelled before the device finished
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    ROLLBACK_FAILED = "rollback_failed"
+    NOT_STARTED = "not_started"  #: a later wave of a halted rollout
+
+    @property
+    def terminal(self) -> bool:
+        """Nothing more happens to this device in this deployment (``staged`` is terminal
+        only for a ``--no-activate`` deployment; the caller decides that)."""
+        return self in _TERMINAL_STEPS
+
+
+_TERMINAL_STEPS = frozenset({StepState.OK, StepState.SKIPPED, StepState.FAILED,
+                             StepState.CANCELLED, StepState.ROLLED_BACK,
+                             StepState.ROLLBACK_FAILED, StepState.NOT_STARTED})
+
+
+class _StrEnumColumn(TypeDecorator[StrEnum]):
+    """A string column that hands back the enum (unknown strings fail loudly)."""
+
+    impl = AutoString
+    cache_ok = True
+
+    def __init__(self, enum: type[StrEnum]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else str(self.enum(value).value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> StrEnum | None:
+        return None if value is None else self.enum(value)
 
 
 
@@ -44,13 +126,18 @@ class Device(SQLModel, table=True):
     platform: str  # android | ios | linux
     uri: str
     tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    status: str = "registered"  # registered | enrolled | ok | degraded | failed | unreachable
-    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    status: str = "registered"  # fleet.registry.status.DeviceState, from the last contact
+    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)  # last answer
+    last_error: str | None = None  # error code of the last contact, None when it went well
     agent_version: str | None = None
     agent_root: str | None = None
     agent_cmd: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     public_key: str | None = None  # device P-256 public key, PEM
     fingerprint: str | None = None
+    #: the root of trust version the device reported holding (enroll, stage)
+    root_version: int | None = None
+    #: set by ``fleet device revoke``: no package is made for it again
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = _ts()
 
 
@@ -94,15 +181,48 @@ class Artifact(SQLModel, table=True):
     created_at: datetime = _ts()
 
 
+class ArtifactVersion(SQLModel, table=True):
+    """One ``name@version`` and the payload digest it stands for (fleet.registry.versions).
+
+    ``artifacts`` holds one row per package file, and one payload may be packaged several
+    times (for other recipients), so the uniqueness of ``name@version`` lives here: the row
+    is inserted when the version is allocated, before the package is built, and the UNIQUE
+    constraint makes two concurrent allocations of one version impossible. Names are one
+    namespace for models and LoRA packs (the device's store keys them by name alone).
+    """
+
+    __tablename__ = "artifact_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str
+    version: int
+    kind: str = "model"  # model | lora
+    digest: str  # sha256 of the plaintext payload
+    created_at: datetime = _ts()
+
+
 class Deployment(SQLModel, table=True):
+    """One rollout (waves inside it) or one ``fleet rollback``. ``options`` holds what a
+    resume needs (the job: package path and digests, bench, activate; workers, deadline,
+    waves and the gate)."""
+
     __tablename__ = "deployments"
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     artifact_id: uuid.UUID | None = Field(default=None, foreign_key="artifacts.id")
+    kind: DeploymentKind = Field(default=DeploymentKind.DEPLOY,
+                                 sa_type=_StrEnumColumn(DeploymentKind))
     name: str
-    version: int
+    version: int | None = None  #: None: a rollback to each device's previous slot
     target: str  # "group:phones" or "device:a,b"
-    status: str = "running"  # running | ok | partial | failed
+    status: DeploymentState = Field(default=DeploymentState.RUNNING,
+                                    sa_type=_StrEnumColumn(DeploymentState))
+    status_reason: str | None = None  #: why it is interrupted/cancelled/halted
     options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    halted_at_wave: int | None = None
+    reverts_id: uuid.UUID | None = None  #: a rollback: the deployment it reverts
+    lease_host: str | None = None
+    lease_pid: int | None = None
+    heartbeat_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = _ts()
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
@@ -116,11 +236,14 @@ class DeploymentStep(SQLModel, table=True):
     deployment_id: uuid.UUID = Field(foreign_key="deployments.id", index=True,
                                      ondelete="CASCADE")
     device_id: uuid.UUID = Field(foreign_key="devices.id", index=True, ondelete="CASCADE")
-    state: str = "pending"  # pending|pushing|pushed|staged|activated|ok|skipped|failed
+    state: StepState = Field(default=StepState.PENDING, sa_type=_StrEnumColumn(StepState))
+    wave: int | None = None  #: 1-based wave of a wave rollout
     error_code: str | None = None
     error_message: str | None = None
     bytes_sent: int = 0
     attempts: int = 0
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = _ts()
 
 
@@ -128,7 +251,7 @@ class StepEvent(SQLModel, table=True):
     __tablename__ = "step_events"
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     step_id: uuid.UUID = Field(foreign_key="deployment_steps.id", index=True, ondelete="CASCADE")
-    state: str
+    state: StepState = Field(sa_type=_StrEnumColumn(StepState))
     at: datetime = _ts()
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
@@ -170,6 +293,16 @@ class PublicKey(SQLModel, table=True):
     fingerprint: str = Field(index=True, unique=True)
     public_key: str
     created_at: datetime = _ts()
+
+
+class Counter(SQLModel, table=True):
+    """Monotonic counters (``sequence``: the signing sequence of packages and rollback
+    orders, fleet.registry.counters). Never the clock: a clock once ahead would block
+    every later rollback order until real time caught up."""
+
+    __tablename__ = "counters"
+    name: str = Field(primary_key=True)
+    value: int = Field(sa_type=BigInteger)
 
 
 class LoraState(SQLModel, table=True):

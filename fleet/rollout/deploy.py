@@ -1,27 +1,63 @@
 """Deploy one package to many devices: status -> push (resumable) -> stage -> activate.
 
-Each device's step is persisted at every state change, so an interrupted deployment can be
-read back (and resumed) from the registry. Re-deploying a version a device already runs
-sends nothing.
+Each device's step is persisted at every state change, and what to do with a device is
+the reconcile table's decision (:func:`fleet.rollout.reconcile.next_action`) from its
+step and its agent's ``status``, so a fresh deploy and a resume run the same code.
+Re-deploying a version a device already runs sends nothing.
+
+Stopping: the fan-out's ``cancel`` event (the first Ctrl-C, a cancel, a lost lease) stops
+new devices from starting; a device in flight stops at its next safe point (before a
+push, inside a push: the partial upload stays and resumes later, before an activation)
+with :class:`RolloutCancelledError`, its step left where it got to. An activation under
+way runs to its end (the agent finishes it regardless) and is recorded.
+
+Test hook: ``FLEET_TEST_KILL_AT=<point>`` makes the controller SIGKILL itself at
+``packaged`` (deployment recorded, no device started), ``pushing`` (first bytes of the
+first push written), ``staged`` (first stage recorded), ``activating`` (the first agent
+activation has started: its process is running), or ``activated`` (the first activation
+answered, nothing recorded yet). Inert unless set; ``tests/test_controller_crash.py``
+uses it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import threading
+import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.connect import open_device
+from fleet.agent_client import AgentClient
+from fleet.connect import device_session
 from fleet.core import errors
+from fleet.core.fsutil import room_needed
 from fleet.home import FleetHome
 from fleet.registry import Device, Registry
 from fleet.registry import history as hist
-from fleet.rollout.execute import FanOut, Outcome, TaskContext
-from fleet.rollout.plan import decide
+from fleet.registry.models import DeploymentStep, StepState
+from fleet.rollout.fanout import (
+    DeviceOutcome,
+    DeviceStatus,
+    FleetResult,
+    TaskContext,
+    call_each,
+)
+from fleet.rollout.lease import Heartbeat, Holder, LeaseConfig, abandon, holder
+from fleet.rollout.reconcile import Do, Goal, next_action, observe
 
-__all__ = ["DeployJob", "DeviceResult", "run_deployment"]
+__all__ = ["KILL_ENV", "DeployJob", "DeployResult", "Opener", "Run", "holding", "kill_point",
+           "run_deployment"]
+
+#: ``opener(device, ctx)`` -> a context manager yielding the device's agent client; the
+#: default is :func:`fleet.connect.device_session` (tests pass in-memory fakes).
+Opener = Callable[[Device, TaskContext], AbstractContextManager[AgentClient]]
+KILL_ENV = "FLEET_TEST_KILL_AT"
 
 
 @dataclass(frozen=True)
@@ -37,99 +73,302 @@ class DeployJob:
     bench: dict[str, Any] = field(default_factory=dict)
     activate: bool = True  #: False: push and stage (verified, kept encrypted) only
 
+    @property
+    def goal(self) -> Goal:
+        return Goal.ACTIVE if self.activate else Goal.STAGED
 
-@dataclass
-class DeviceResult:
-    device: str
-    status: str  # ok | staged | skipped | failed
+    def to_options(self) -> dict[str, Any]:
+        """What a resume needs to rebuild this job (kept in ``Deployment.options``)."""
+        doc = asdict(self)
+        doc["package"] = str(self.package)
+        doc["artifact_id"] = str(self.artifact_id) if self.artifact_id else None
+        return doc
+
+    @classmethod
+    def from_options(cls, doc: dict[str, Any]) -> DeployJob:
+        return cls(name=doc["name"], version=int(doc["version"]), kind=doc["kind"],
+                   package=Path(doc["package"]), package_sha256=doc["package_sha256"],
+                   digest=doc["digest"], size=int(doc["size"]),
+                   artifact_id=uuid.UUID(doc["artifact_id"]) if doc.get("artifact_id")
+                   else None, bench=dict(doc.get("bench") or {}),
+                   activate=bool(doc.get("activate", True)))
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What one device's deployment produced (its status is the outcome's)."""
+
     bytes_sent: int = 0
     report: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    reason: str = ""
 
 
-def _deploy_one(home: FleetHome, reg: Registry, job: DeployJob, dev: Device,
-                step_id: uuid.UUID, ctx: TaskContext) -> DeviceResult:
-    hist.set_step(reg, step_id, "connecting", attempt=True, attempt_no=ctx.attempt + 1)
-    transport, agent = open_device(home, dev)
-    ctx.add_closer(transport.close)
-    with transport:
+# -- the test hook -------------------------------------------------------------------------
+_fired: set[str] = set()
+
+
+def kill_point(point: str) -> None:
+    """SIGKILL this process the first time ``point`` is reached, if ``$FLEET_TEST_KILL_AT``
+    names it (a test hook; see the module docstring)."""
+    if os.environ.get(KILL_ENV) != point or point in _fired:
+        return
+    _fired.add(point)
+    if point == "activating":  # wait until the agent's activate process really runs
+        threading.Thread(target=_kill_when_child_runs, args=("activate",), daemon=True).start()
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_when_child_runs(word: str) -> None:
+    me = os.getpid()
+    for _ in range(12000):  # up to about two minutes; the hook is for tests only
+        for kids in Path(f"/proc/{me}/task").glob("*/children"):
+            for pid in kids.read_text().split():
+                with contextlib.suppress(OSError):
+                    if word.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                        os.kill(me, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+# -- one device ----------------------------------------------------------------------------
+def _stop_if(cancel: threading.Event, dev: str, before: str) -> None:
+    if cancel.is_set():
+        raise errors.RolloutCancelledError(
+            f"{dev}: stopped before {before} (interrupted); `fleet deployment resume` "
+            "continues it", device=dev)
+
+
+def _read_report(agent: AgentClient, job: DeployJob, timeout: float) -> dict[str, Any]:
+    """The finished activation's report, as the agent keeps it (``audit`` summarises the
+    active version's stored health report); never fails the step."""
+    base = {"name": job.name, "version": job.version, "digest": job.digest,
+            "recovered": True}
+    try:
+        doc = agent.audit(job.name, timeout=timeout)
+    except errors.FleetError as exc:
+        return base | {"report_error": f"{exc.code}: {exc.message}"}
+    for m in doc.get("models") or []:
+        if m.get("name") == job.name and m.get("version") == job.version:
+            return dict(m) | {"recovered": True, "source": "audit"}
+    return base | {"report_error": "the agent has no report for the active version"}
+
+
+@dataclass
+class _Device:
+    reg: Registry
+    job: DeployJob
+    dev: Device
+    agent: AgentClient
+    dep_id: uuid.UUID
+    step_id: uuid.UUID
+    ctx: TaskContext
+    cancel: threading.Event
+
+    def run(self, state: StepState) -> DeployResult:
+        job, ctx, reg = self.job, self.ctx, self.reg
         ctx.state("checking")
-        status = agent.call("status", timeout=min(60.0, ctx.deadline.remaining()))
-        reg.touch_device(dev.name, agent_version=status.get("agent_version"))
-        action = decide((status.get("installed") or {}).get(job.name), name=job.name,
-                        version=job.version, digest=job.digest)
-        if action.kind == "skip":
-            hist.set_step(reg, step_id, "skipped", reason=action.reason)
-            return DeviceResult(dev.name, "skipped", reason=action.reason)
-        if action.kind == "refuse":
-            raise errors.RollbackError(f"{dev.name}: {action.reason}", device=dev.name)
+        status = self.agent.status(timeout=min(60.0, ctx.deadline.remaining()))
+        reg.touch_device(self.dev.name, agent_version=status.agent_version)
+        seen = observe(status.installed.get(job.name), version=job.version, digest=job.digest)
+        act = next_action(state, seen, goal=job.goal)
+        if act.do is Do.REFUSE:
+            raise errors.PlanError(f"{self.dev.name}: {act.reason}", device=self.dev.name,
+                                   model=job.name)
+        if act.do in (Do.SKIP, Do.NOTHING):
+            hist.set_step(reg, self.step_id, StepState.SKIPPED, reason=act.reason)
+            ctx.finish_as(DeviceStatus.SKIPPED, act.reason)
+            return DeployResult()
+        if act.do is Do.RECORD_STAGED:
+            hist.set_step(reg, self.step_id, StepState.STAGED, done=True, observed=True)
+            ctx.finish_as(DeviceStatus.STAGED, "staged (found on the device)")
+            return DeployResult()
+        if act.do is Do.RECORD_ACTIVE:
+            body = _read_report(self.agent, job, ctx.deadline.remaining(30))
+            hist.record_activation(reg, self.step_id, self.dev, body, deployment_id=self.dep_id,
+                                   bytes_sent=None, recovered=True)
+            reg.touch_device(self.dev.name, status="ok")
+            return DeployResult(report=body)
+        if act.do is Do.ACTIVATE:
+            if act.record is not None:
+                hist.set_step(reg, self.step_id, act.record, observed=True, reason=act.reason)
+            return self.activate(None)
+        sent = self.push_and_stage(status.doc)
+        if not job.activate:
+            ctx.finish_as(DeviceStatus.STAGED, "staged only (--no-activate)")
+            return DeployResult(bytes_sent=sent)
+        return self.activate(sent)
+
+    def push_and_stage(self, status_doc: dict[str, Any]) -> int:
+        job, ctx, reg, name = self.job, self.ctx, self.reg, self.dev.name
+        free = (status_doc.get("disk") or {}).get("free")
+        need = room_needed(job.package.stat().st_size)
+        if isinstance(free, int) and free < need:  # refuse before sending anything
+            raise errors.DiskFullError(f"{name}: {free} bytes free, the package needs "
+                                       f"{need}; nothing sent", device=name, free=free,
+                                       needed=need)
         ctx.check()
-        remote = f"{agent.root.rstrip('/')}/incoming/{job.package_sha256}.fpkg"
-        hist.set_step(reg, step_id, "pushing", remote=remote)
+        _stop_if(self.cancel, name, "its push")
+        hist.set_step(reg, self.step_id, StepState.PUSHING,
+                      remote=self.agent.incoming_path(job.package_sha256))
         ctx.state("pushing")
-        tr = transport.push(job.package, remote, resume=True, progress=ctx.bytes)
-        hist.set_step(reg, step_id, "pushed", bytes_sent=tr.bytes_sent,
+
+        def progress(done: int, total: int) -> None:
+            if self.cancel.is_set():  # cut: the partial upload stays and resumes later
+                raise errors.RolloutCancelledError(
+                    f"{name}: push cut at {done} of {total} bytes (interrupted); it "
+                    "resumes on `fleet deployment resume`", device=name)
+            kill_point("pushing")
+            ctx.bytes(done, total)
+
+        up = self.agent.upload(job.package, job.package_sha256, progress=progress)
+        tr = up.transfer
+        hist.set_step(reg, self.step_id, StepState.PUSHED, bytes_sent=tr.bytes_sent,
                       resumed_from=tr.resumed_from, sha256=tr.sha256)
-        if tr.sha256 != job.package_sha256:
-            raise errors.RemoteFileError(f"{dev.name}: pushed file digest differs",
-                                         device=dev.name)
         ctx.check()
         ctx.state("staging")
-        staged = agent.call("stage", {"path": remote}, timeout=ctx.deadline.remaining(30))
-        hist.set_step(reg, step_id, "staged", version=staged.get("version"))
-        if not job.activate:
-            return DeviceResult(dev.name, "staged", bytes_sent=tr.bytes_sent,
-                                reason="staged only (--no-activate)")
+        staged = self.agent.stage(up.remote, timeout=ctx.deadline.remaining(30))
+        if staged.doc.get("root_version") is not None:  # the root chain travelled with it
+            reg.update_device(name, root_version=staged.doc["root_version"])
+        hist.set_step(reg, self.step_id, StepState.STAGED, version=staged.version,
+                      done=not job.activate)
+        kill_point("staged")
+        return tr.bytes_sent
+
+    def activate(self, sent: int | None) -> DeployResult:
+        job, ctx, reg = self.job, self.ctx, self.reg
         ctx.check()
+        _stop_if(self.cancel, self.dev.name, "its activation")
+        hist.set_step(reg, self.step_id, StepState.ACTIVATING)
         ctx.state("activating")
-        report = agent.call("activate", {"name": job.name, "version": job.version,
-                                         **job.bench}, timeout=ctx.deadline.remaining(60))
-        hist.set_step(reg, step_id, "activated")
-        body = dict(report.get("report") or report)
-        hist.add_report(reg, dev, "activate", body, deployment_id=_dep_id(reg, step_id))
-        if body.get("probe"):
-            hist.add_snapshot(reg, dev, body["probe"])
-        hist.set_step(reg, step_id, "ok", bytes_sent=tr.bytes_sent)
-        reg.touch_device(dev.name, status="ok")
-        return DeviceResult(dev.name, "ok", bytes_sent=tr.bytes_sent, report=body)
+        kill_point("activating")
+        body = self.agent.activate(job.name, job.version, **job.bench,
+                                   timeout=ctx.deadline.remaining(60)).report
+        kill_point("activated")
+        hist.record_activation(reg, self.step_id, self.dev, body, deployment_id=self.dep_id,
+                               bytes_sent=sent)
+        reg.touch_device(self.dev.name, status="ok")
+        return DeployResult(bytes_sent=sent or 0, report=body)
 
 
-def _dep_id(reg: Registry, step_id: uuid.UUID) -> uuid.UUID:
-    from fleet.registry.models import DeploymentStep
-    with reg.session() as s:
-        st = s.get(DeploymentStep, step_id)
-        assert st is not None
-        return st.deployment_id
+def _record_failure(reg: Registry, step_id: uuid.UUID, out: DeviceOutcome[DeployResult]
+                    ) -> None:
+    if out.status is DeviceStatus.CANCELLED:
+        return  # stopped at a safe point (or never started): the step says where; resumable
+    err = out.error or errors.FleetError("unknown failure")
+    hist.set_step(reg, step_id, StepState.FAILED, error_code=err.code,
+                  error_message=err.message, attempts=out.attempts)
+    with contextlib.suppress(errors.FleetError):
+        reg.touch_device(out.device, status="unreachable"
+                         if out.status is DeviceStatus.UNREACHABLE else "failed")
+
+
+_RECORDED: dict[StepState, DeviceStatus] = {
+    StepState.OK: DeviceStatus.OK, StepState.SKIPPED: DeviceStatus.SKIPPED,
+    StepState.STAGED: DeviceStatus.STAGED, StepState.FAILED: DeviceStatus.FAILED,
+    StepState.CANCELLED: DeviceStatus.CANCELLED,
+    StepState.ROLLED_BACK: DeviceStatus.ROLLED_BACK,
+    StepState.ROLLBACK_FAILED: DeviceStatus.ROLLBACK_FAILED,
+    StepState.NOT_STARTED: DeviceStatus.NOT_STARTED,
+}
+
+
+def _recorded(name: str, st: DeploymentStep) -> DeviceOutcome[DeployResult]:
+    """A finished step's outcome as the registry has it (a resume does not redo it)."""
+    err = (errors.error_from_code(st.error_code, st.error_message or st.error_code)
+           if st.error_code else None)
+    return DeviceOutcome(name, _RECORDED[StepState(st.state)],
+                         result=DeployResult(bytes_sent=st.bytes_sent), error=err,
+                         reason=f"{st.state.value} (recorded)", attempts=st.attempts)
+
+
+@dataclass
+class Run:
+    """One deployment as this process drives it: which devices, the job, the opener and
+    the fan-out's options; :meth:`devices` runs the unfinished steps of some devices."""
+
+    home: FleetHome
+    reg: Registry
+    dep_id: uuid.UUID
+    job: DeployJob
+    devices: dict[str, Device]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    opener: Opener | None = None
+    fanout_kw: dict[str, Any] = field(default_factory=dict)
+
+    def open_agent(self, dev: Device, ctx: TaskContext) -> AbstractContextManager[AgentClient]:
+        if self.opener is not None:
+            return self.opener(dev, ctx)
+        return device_session(self.home, dev, ctx)
+
+    def _done(self, st: DeploymentStep) -> bool:
+        return st.state.terminal or (not self.job.activate and st.state is StepState.STAGED)
+
+    def run_devices(self, names: list[str]) -> FleetResult[DeployResult]:
+        """Every named device's outcome: recorded for finished steps, run for the rest."""
+        steps = {d.name: st for st, d in hist.steps_of(self.reg, self.dep_id)
+                 if d.name in names}
+        result: FleetResult[DeployResult] = FleetResult()
+        todo = []
+        for n in names:
+            if self._done(steps[n]):
+                result.add(_recorded(n, steps[n]))
+            else:
+                todo.append(self.devices[n])
+        ids = {n: st.id for n, st in steps.items()}
+
+        def task(dev: Device, ctx: TaskContext) -> DeployResult:
+            state = hist.record_attempt(self.reg, ids[dev.name], ctx.attempt + 1)
+            with self.open_agent(dev, ctx) as agent:
+                return _Device(self.reg, self.job, dev, agent, self.dep_id, ids[dev.name],
+                               ctx, self.cancel).run(state)
+
+        if todo:
+            ran = call_each(todo, task, cancel=self.cancel, **self.fanout_kw)
+            for out in ran.failed:
+                _record_failure(self.reg, ids[out.device], out)
+            result.extend(ran)
+        return result.sorted_by(names)
+
+
+@contextlib.contextmanager
+def holding(reg: Registry, dep_id: uuid.UUID, who: Holder, *, cancel: threading.Event,
+            config: LeaseConfig | None = None) -> Iterator[Heartbeat]:
+    """Heartbeat the lease while the block runs (a lost lease sets ``cancel``); if the
+    block ends with an exception, the deployment becomes ``interrupted`` at once rather
+    than waiting for a later command to find the lease stale."""
+    hb = Heartbeat(reg, dep_id, who, on_lost=cancel.set, config=config)
+    with hb.running():
+        try:
+            yield hb
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                abandon(reg, dep_id, who, f"interrupted: the controller stopped "
+                                          f"({type(exc).__name__}: {exc})"[:300])
+            raise
 
 
 def run_deployment(home: FleetHome, reg: Registry, job: DeployJob, devices: list[Device], *,
                    target: str, workers: int = 8, deadline_s: float = 900.0,
-                   retries: int = 2, on_bytes: Any = None, on_state: Any = None,
-                   on_done: Any = None) -> tuple[uuid.UUID, list[DeviceResult]]:
-    dep, steps = hist.create_deployment(reg, name=job.name, version=job.version, target=target,
-                                        devices=devices, artifact_id=job.artifact_id,
-                                        options={"workers": workers, "deadline_s": deadline_s})
-    by_name = {d.name: d for d in devices}
-
-    def task(dev: Device, ctx: TaskContext) -> DeviceResult:
-        return _deploy_one(home, reg, job, dev, steps[dev.name].id, ctx)
-
-    fan = FanOut(workers=workers, deadline_s=deadline_s, retries=retries, on_bytes=on_bytes,
-                 on_state=on_state, on_done=on_done)
-    outcomes: dict[str, Outcome[DeviceResult]] = fan.run(by_name, task)
-    results = []
-    for name in by_name:
-        out = outcomes[name]
-        if out.ok and out.result is not None:
-            results.append(out.result)
-            continue
-        err = out.error or errors.FleetError("unknown failure")
-        hist.set_step(reg, steps[name].id, "failed", error_code=err.code,
-                      error_message=err.message, attempts=out.attempts)
-        with contextlib.suppress(errors.FleetError):
-            reg.touch_device(name, status="failed" if not isinstance(
-                err, errors.TransportError) else "unreachable")
-        results.append(DeviceResult(name, "failed", error=err.to_dict(), reason=err.message))
-    hist.finish_deployment(reg, dep.id)
-    return dep.id, results
+                   retries: int = 2, opener: Opener | None = None,
+                   cancel: threading.Event | None = None,
+                   lease_config: LeaseConfig | None = None,
+                   on_created: Callable[[uuid.UUID], None] | None = None,
+                   **fanout_kw: Any) -> tuple[uuid.UUID, FleetResult[DeployResult]]:
+    """One deployment row holding a lease, one step per device (every state change an
+    event, each attempt a ``connecting`` event); returns its id and every device's
+    outcome. ``on_created(id)`` runs once the row exists (the CLI's Ctrl-C handler)."""
+    who = holder()
+    dep, _ = hist.create_deployment(
+        reg, name=job.name, version=job.version, target=target, devices=devices,
+        artifact_id=job.artifact_id, lease=who,
+        options={"workers": workers, "deadline_s": deadline_s, "retries": retries,
+                 "job": job.to_options()})
+    if on_created:
+        on_created(dep.id)
+    kill_point("packaged")
+    run = Run(home, reg, dep.id, job, {d.name: d for d in devices},
+              cancel or threading.Event(), opener,
+              {"workers": workers, "deadline_s": deadline_s, "retries": retries, **fanout_kw})
+    with holding(reg, dep.id, who, cancel=run.cancel, config=lease_config):
+        result = run.run_devices([d.name for d in devices])
+        hist.finish_deployment(reg, dep.id, lease=who)
+    return dep.id, result
