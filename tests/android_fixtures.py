@@ -28,6 +28,7 @@ from fleet.lab.base import LabDevice, register_devices
 from fleet.registry import Registry
 from fleet.transports import TransportOptions
 from fleet.transports.adb import AdbTransport
+from tests.lab_mailbox import credentials, enroll_app
 
 __all__ = ["AndroidLab", "android_home", "android_lab", "free_port"]
 
@@ -51,6 +52,10 @@ class AndroidLab:
         if len(self._phones) < n:
             more = android.up(self.home, n - len(self._phones), start_index=len(self._phones),
                               adb_port=self.adb_port)
+            for dev in more:  # the app agent's mailbox bootstrap, as `fleet device add` does
+                opts = TransportOptions(adb_port=self.adb_port, connect_timeout=10.0)
+                enroll_app(self.home, self.app_agent_root(dev),
+                           lambda o, dev=dev: AdbTransport(str(dev.extra["app_uri"]), o), opts)
             self._phones.extend(more)
         return self._phones[:n]
 
@@ -72,7 +77,13 @@ class AndroidLab:
         return AdbTransport(uri or dev.uri, opts)
 
     def app_transport(self, dev: LabDevice, **changes: object) -> AdbTransport:
+        """App mode, with the app's mailbox keys (the home's signing key, the device's)."""
+        changes.setdefault("mailbox", credentials(self.home, self.app_agent_root(dev)))
         return self.transport(dev, uri=str(dev.extra["app_uri"]), **changes)
+
+    def app_agent_root(self, dev: LabDevice) -> Path:
+        """The app agent's root in the phone's sandbox, on this machine."""
+        return self.sandbox(dev) / f"sdcard/Android/data/{android.APP_PACKAGE}/files/fleet/agent"
 
     def sandbox(self, dev: LabDevice) -> Path:
         return Path(dev.extra["sandbox"])

@@ -9,7 +9,8 @@ tests, stopped once at the end of the session); ``ios_lab.register(devs, group="
 puts them into the home's registry. A deploy test that mixes them with Android and IoT
 devices builds ``IosLab(lab_home)`` on its shared home instead (and calls
 ``fleet.lab.ios.down(lab_home)`` at the end). Tests that inject faults call
-``ios_lab.heal(name)`` in a ``finally``.
+``ios_lab.heal(name)`` in a ``finally``. Phones are enrolled when made (the mailbox
+bootstrap), and ``ios_lab.transport(phone)`` carries the app's mailbox keys.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fleet.lab.base import LabDevice, register_devices
 from fleet.registry import Registry
 from fleet.transports import TransportOptions
 from fleet.transports.ios import IosTransport
+from tests.lab_mailbox import credentials, enroll_app
 
 __all__ = ["IosLab", "idevice", "ios_home", "ios_lab"]
 
@@ -46,6 +48,9 @@ class IosLab:
     def phones(self, n: int) -> list[LabDevice]:
         if len(self._phones) < n:
             more = ios.up(self.home, n - len(self._phones), start_index=len(self._phones))
+            for dev in more:  # the mailbox bootstrap, as `fleet device add` does it
+                enroll_app(self.home, self.agent_root(dev),
+                           lambda opts, dev=dev: IosTransport(dev.uri, opts), self.options())
             self._phones.extend(more)
         return self._phones[:n]
 
@@ -67,10 +72,15 @@ class IosLab:
         return opts
 
     def transport(self, dev: LabDevice, **changes: object) -> IosTransport:
-        return IosTransport(dev.uri, self.options(**changes))
+        """A transport with the app's mailbox keys (the home's signing key, the device's)."""
+        return IosTransport(dev.uri, self.options(
+            **{"mailbox": credentials(self.home, self.agent_root(dev)), **changes}))
 
     def container(self, dev: LabDevice) -> Path:
         return Path(dev.extra["container"])
+
+    def agent_root(self, dev: LabDevice) -> Path:
+        return self.container(dev) / ios.AGENT_ROOT
 
     def heal(self, name: str) -> None:
         ios.heal(self.home, name)

@@ -13,6 +13,8 @@ import pytest
 
 from fleet.connect import open_device
 from fleet.core import errors
+from fleet.core.package.keyid import fingerprint_public_key
+from fleet.enrollment import enroll
 from fleet.lab import ios, ios_app
 from fleet.registry import Registry
 from fleet.transports import open_transport
@@ -148,6 +150,7 @@ def test_mailbox_is_not_a_shell(ios_lab: IosLab) -> None:
         res = t.run(["sh", "-c", "echo pwned"], timeout=60)
     assert res.exit_code == 127 and b"pwned" not in res.stdout
     assert b"runs only fleet-agent" in res.stderr
+    assert json.loads(res.stdout)["error"]["code"] == "mailbox_forbidden"
 
 
 def test_registered_phone_answers_through_the_agent_client(ios_lab: IosLab) -> None:
@@ -157,9 +160,17 @@ def test_registered_phone_answers_through_the_agent_client(ios_lab: IosLab) -> N
     try:
         members = reg.resolve_targets(groups=("phones",))
         device = reg.get_device(phones[1].name)
+        if not device.public_key:  # the mailbox bootstrap: enroll pins the app's key
+            with pytest.raises(errors.KeyMaterialError, match="enroll it first"):
+                open_device(ios_lab.home, device)[1].call("status", {}, timeout=60)
+            enroll(ios_lab.home, reg, device)
+            device = reg.get_device(phones[1].name)
     finally:
         reg.close()
     assert {d.name for d in members} >= {p.name for p in phones}
+    key = ios_lab.transport(phones[1]).options.mailbox
+    assert key is not None and key.device_key is not None
+    assert device.fingerprint == fingerprint_public_key(key.device_key)
     transport, client = open_device(ios_lab.home, device)
     with transport:
         doc = client.call("status", {}, timeout=60)

@@ -14,13 +14,13 @@ root under the MNN version, so the trial runs once per MNN upgrade.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from fleet.core.fsutil import atomic_write
 from fleet.core.mnn.fdcapture import capture_fds
 from fleet.core.mnn.session import GPU_BACKENDS, LoadedModel, RuntimeConfig, mnn, mnn_version
 
@@ -130,9 +130,7 @@ def build_backend_details(cache_dir: Path, *, refresh: bool = False,
            "backends": {name: bool(info.get("present")) for name, info in detail.items()},
            "detail": detail, "cpu_kernels": build_cpu_kernels()}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    os.replace(tmp_path, cache)
+    atomic_write(cache, json.dumps(doc, indent=2, sort_keys=True).encode())  # O_NOFOLLOW
     return doc
 
 

@@ -1,20 +1,32 @@
 """``fleet-agent [--root DIR] VERB [SUB] [--args-b64 B64]``: one JSON document out.
 
+``fleet-agent --version`` prints ``mnn-fleet <version>`` (for people; not a protocol verb).
+
 Exit status: 0 when ``ok`` is true, 1 when the verb failed (the error is in the JSON),
 2 for a malformed invocation (also answered with a JSON document).
+
+Stdout holds the one JSON document and nothing else. MNN prints from C++ to fd 1 (the
+``import MNN`` banner, ``Can't Find type=N backend``, ``getshape: unable to get variable
+info``: FIELD-NOTES "Facts found since"), and any library may ``print``; the session wrapper
+captures what it can, and on top of that the verb runs with fd 1 pointed at fd 2, so a
+line from any code path lands on stderr. The document is written after fd 1 is restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fleet.core import errors
+from fleet.core.fsutil import DISK_FULL_ERRNOS, os_error
 from fleet.core.protocol import decode_args, fail, ok
 from fleet_agent.context import AgentContext
+from fleet_agent.hardening import harden_process
 
 __all__ = ["VERBS", "dispatch", "main"]
 
@@ -24,12 +36,14 @@ VerbFn = Callable[[AgentContext, dict[str, Any]], dict[str, Any]]
 VERBS: dict[str, str] = {
     "status": "fleet_agent.verbs_basic:status",
     "enroll": "fleet_agent.verbs_basic:enroll",
+    "rekey": "fleet_agent.verbs_basic:rekey",
     "probe": "fleet_agent.probe:probe_verb",
     "stage": "fleet_agent.verbs_install:stage",
     "activate": "fleet_agent.verbs_install:activate",
     "rollback": "fleet_agent.verbs_install:rollback",
     "bench": "fleet_agent.verbs_install:bench",
     "audit": "fleet_agent.verbs_install:audit",
+    "gc": "fleet_agent.gc:gc_verb",
     "serve": "fleet_agent.serve:serve",
     "lora add": "fleet_agent.lora_packs:lora_add",
     "lora swap": "fleet_agent.lora_packs:lora_swap",
@@ -50,11 +64,34 @@ def _resolve(verb: str) -> VerbFn:
     return resolved
 
 
+#: verbs that change the store: one at a time per device root (the root's lock, waited
+#: for up to ``lock_timeout`` seconds from the arguments, then ``busy``)
+LOCKED_VERBS = frozenset({"stage", "activate", "rollback", "gc"})
+
+
+def _serialised(ctx: AgentContext, verb: str, args: dict[str, Any]
+                ) -> contextlib.AbstractContextManager[None]:
+    if verb not in LOCKED_VERBS:
+        return contextlib.nullcontext()
+    from fleet_agent.store import root_lock  # lazy: status must stay cheap
+
+    timeout = args.get("lock_timeout")
+    return root_lock(ctx, None if timeout is None else float(timeout))
+
+
 def dispatch(ctx: AgentContext, verb: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run one verb; never raises: failures come back as an error document."""
+    """Run one verb; never raises: failures come back as an error document. A root that
+    is not the agent's alone (links, foreign or loose folders) is refused before any verb
+    (:meth:`AgentContext.check`)."""
     try:
-        data = _resolve(verb)(ctx, args)
+        fn = _resolve(verb)
+        ctx.check()
+        with _serialised(ctx, verb, args):
+            data = fn(ctx, args)
         return ok(verb, **data)
+    except OSError as exc:  # a full disk anywhere is disk_full, never "internal"
+        return fail(verb, os_error(exc, exc.filename or ctx.root)
+                    if exc.errno in DISK_FULL_ERRNOS else exc)
     except Exception as exc:  # errors are data in this protocol
         return fail(verb, exc)
 
@@ -93,14 +130,59 @@ def _parse(argv: Sequence[str]) -> tuple[str | None, str, dict[str, Any]]:
     return root, verb, args
 
 
+def _dist_version() -> str:
+    # Not fleet._version: the agent imports only fleet.core from fleet (import contract).
+    from importlib import metadata
+
+    try:
+        return metadata.version("mnn-fleet")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """For the block, whatever is written to fd 1 (C or Python) goes to fd 2, and
+    ``sys.stdout`` is ``sys.stderr``."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all: nothing to protect
+        yield
+        return
+    try:
+        try:
+            os.dup2(2, 1)
+        except OSError:  # no stderr: discard instead
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+        py_stdout, sys.stdout = sys.stdout, sys.stderr
+        try:
+            yield
+        finally:
+            sys.stdout = py_stdout
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    harden_process()  # no core dumps, private umask: before anything is decrypted
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv:
+        print(f"mnn-fleet {_dist_version()}")
+        return 0
     try:
         root, verb, args = _parse(argv)
     except Exception as exc:
         print(json.dumps(fail(" ".join(argv[:1]) or "", exc)))
         return 2
-    doc = dispatch(AgentContext.from_env(root), verb, args)
+    with stdout_to_stderr():
+        doc = dispatch(AgentContext.from_env(root), verb, args)
     sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
     sys.stdout.flush()
     return 0 if doc["ok"] else 1

@@ -12,12 +12,13 @@ the audit reports it (FA007).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fleet.core.fsutil import atomic_write
 
 __all__ = ["CACHE_NAME", "SIDECAR_NAME", "CacheCheck", "check_cache_dir", "gpu_driver",
            "prepare_cache", "scan_caches"]
@@ -98,9 +99,8 @@ def prepare_cache(cache_root: Path, *, model_digest: str, backend: str, device_i
     owner = {"device_id": device_id, "model_digest": model_digest, "backend": backend,
              "driver": driver, "mnn_version": mnn_version,
              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = directory / f".{SIDECAR_NAME}.{os.getpid()}"
-    tmp.write_text(json.dumps(owner, indent=2, sort_keys=True))
-    os.replace(tmp, directory / SIDECAR_NAME)
+    atomic_write(directory / SIDECAR_NAME,  # O_EXCL | O_NOFOLLOW temp file
+                 json.dumps(owner, indent=2, sort_keys=True).encode())
     return directory / CACHE_NAME, CacheCheck(directory / CACHE_NAME, backend, True,
                                               "new cache path owned by this device", owner)
 

@@ -87,6 +87,8 @@ def llm_health(ctx: AgentContext, opened: Any, *, probe: Mapping[str, Any],
         "pick": pick.to_dict() if pick else None, "pick_reasons": reasons,
         "build": {}, "environment": {"cores": os.cpu_count()}, "started_at": started,
         "duration_s": round(time.monotonic() - t0, 3),
+        # MNN's mmap caches forced off (plaintext stays in memory): what the package asked
+        "memory_only": {"forced": links.forced, "use_mmap": False, "kvcache_mmap": False},
     }
     return report, pick
 

@@ -22,6 +22,7 @@ serve daemon over its socket (:mod:`fleet_agent.serve_protocol`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from fleet.core import errors
 from fleet_agent.context import AgentContext
 
 __all__ = [
+    "LLM_CONFIG_FILES",
+    "MEMORY_ONLY",
     "REFERENCE_FILE",
     "REFERENCE_SCHEMA",
     "LinkDir",
@@ -46,6 +49,7 @@ __all__ = [
     "lora_list",
     "lora_remove",
     "lora_swap",
+    "memory_only_config",
     "read_json",
     "serve_socket",
     "serve_state_file",
@@ -119,32 +123,85 @@ def check_binding(binding: dict[str, Any] | None, facts: dict[str, Any], *, adap
 
 
 # -- memory-only model folders ------------------------------------------------------------
+#: MNN-LLM config files (``llm_config.json`` is merged over ``config.json``)
+LLM_CONFIG_FILES = ("config.json", "llm_config.json")
+#: MNN-LLM keys that make MNN spill model data to files (FIELD-NOTES: ``use_mmap`` writes
+#: the decrypted, repacked weights to ``tmp_path``; ``kvcache_mmap`` the KV cache), and the
+#: value the agent forces. ``tmp_path`` is dropped: with both off nothing is written there.
+MEMORY_ONLY: dict[str, Any] = {"use_mmap": False, "kvcache_mmap": False}
+_SPILL_PATH_KEYS = ("tmp_path",)
+
+
+def memory_only_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config`` with MNN's file-spilling options forced off (:data:`MEMORY_ONLY`, no
+    ``tmp_path``), and what was changed (key -> {"asked", "forced"}) for the report.
+    Pure."""
+    out = dict(config)
+    changed: dict[str, Any] = {}
+    for key, value in MEMORY_ONLY.items():
+        if key in out and out[key] != value:
+            changed[key] = {"asked": out[key], "forced": value}
+        out[key] = value
+    for key in _SPILL_PATH_KEYS:
+        if key in out:
+            changed[key] = {"asked": out.pop(key), "forced": None}
+    return out, changed
+
+
 class LinkDir:
     """A private (0700) folder whose entries are symbolic links, for MNN-LLM to open.
 
     Links point at ``/proc/self/fd/N`` for decrypted payloads (so a reader outside this
-    process resolves its own fd table, not ours) or at plain files for ``--model-dir``."""
+    process resolves its own fd table, not ours) or at plain files for ``--model-dir``.
+    An MNN-LLM config (:data:`LLM_CONFIG_FILES`) is linked to a memfd copy with
+    :func:`memory_only_config` applied, so no package can switch MNN's mmap caches on;
+    :attr:`forced` says what was overridden (the health report and ``status`` carry it)."""
 
     def __init__(self, parent: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = parent / f"serve-{os.getpid()}-{secrets.token_hex(4)}"
         self.path.mkdir(mode=0o700)
+        self.forced: dict[str, Any] = {}
+        self._fds: list[int] = []
 
     def link(self, name: str, target: str) -> str:
         """Add ``name`` -> ``target``; returns ``name`` (relative: MNN prefixes the folder)."""
         if "/" in name or name in ("", ".", ".."):
             raise errors.UsageError(f"bad link name {name!r}")
+        if name in LLM_CONFIG_FILES:
+            target = self._memory_only(name, target)
         p = self.path / name
         if p.is_symlink():
             p.unlink()
         os.symlink(target, p)
         return name
 
+    def _memory_only(self, name: str, target: str) -> str:
+        """A memfd holding ``target``'s JSON with the spilling options forced off."""
+        try:
+            with open(target, "rb") as f:
+                doc = json.loads(f.read(1 << 20))
+        except (OSError, ValueError) as exc:
+            raise errors.InvalidModelError(f"{name}: not a readable JSON config ({exc})",
+                                           file=name) from exc
+        if not isinstance(doc, dict):
+            raise errors.InvalidModelError(f"{name}: not a JSON object", file=name)
+        safe, changed = memory_only_config(doc)
+        self.forced.update({k: {**v, "file": name} for k, v in changed.items()})
+        fd = os.memfd_create(f"fleet-{name}", os.MFD_CLOEXEC)
+        self._fds.append(fd)
+        os.write(fd, json.dumps(safe).encode())
+        return f"/proc/self/fd/{fd}"
+
     def unlink(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
 
 
 # -- small files ----------------------------------------------------------------------------
@@ -152,7 +209,7 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     """Temp file, fsync, rename, fsync the folder: a crash leaves the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1, sort_keys=True)

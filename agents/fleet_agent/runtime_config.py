@@ -14,7 +14,6 @@ Writes are atomic (temp file, fsync, rename), so a crash leaves the old or the n
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,18 +33,11 @@ LLM_KEYS = ("llm_model", "llm_weight", "backend_type", "tokenizer_file", "thread
 
 
 def _atomic_write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """temp (``O_EXCL | O_NOFOLLOW``: a planted link is never written through) + fsync +
+    rename + fsync(dir)."""
+    from fleet.core.fsutil import atomic_write
+
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _load_json(path: Path) -> dict[str, Any]:

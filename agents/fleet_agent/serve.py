@@ -22,6 +22,8 @@ folder, for development and the fixtures). Protocol: :mod:`fleet_agent.serve_pro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -36,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from fleet.core import errors
+from fleet.core.limits import SERVE, ServeLimits
 from fleet_agent import lora_packs as L
 from fleet_agent.context import AgentContext
-from fleet_agent.serve_protocol import decode, encode, error_doc
+from fleet_agent.hardening import harden_process
+from fleet_agent.serve_protocol import MAX_LINE, decode, encode, error_doc
 
 __all__ = ["Adapter", "LlmEngine", "ServeServer", "open_engine", "serve"]
 
@@ -46,6 +50,8 @@ log = logging.getLogger("fleet_agent.serve")
 STATE_SCHEMA = "fleet.serve/1"
 MAX_NEW_TOKENS = 1024
 _HISTORY = 10
+#: accept() errors that mean "out of descriptors or memory": back off, do not spin
+_ACCEPT_BACKOFF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Native log lines that mean ``create_lora`` failed (the object it returns would crash).
 _LORA_FAILED = ("Load Lora error", "Load module failed", "model file not found")
 
@@ -92,6 +98,22 @@ class LlmEngine:
         self.refused = 0
         self.started = time.time()
         self.restore_error: dict[str, Any] | None = None
+        self.vocab = _vocab_size(llm)
+        self.memory_only = dict(links.forced)
+
+    def check_prompt(self, ids: list[int], max_tokens: int) -> None:
+        """Refuse a prompt longer than ``max_tokens`` or with ids outside the vocabulary
+        (MNN indexes its embedding table with them unchecked)."""
+        if len(ids) > max_tokens:
+            raise errors.RequestLimitError(
+                f"prompt of {len(ids)} tokens; at most {max_tokens}", limit=max_tokens,
+                tokens=len(ids))
+        if self.vocab is not None:
+            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+            if bad is not None:
+                raise errors.RequestLimitError(
+                    f"token id {bad} is outside the vocabulary (0..{self.vocab - 1})",
+                    vocab=self.vocab, token=bad)
 
     # -- requests ---------------------------------------------------------------------
     def generate(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
@@ -208,15 +230,21 @@ class LlmEngine:
 
     def _open(self, spec: dict[str, Any], closers: list[Callable[[], None]]
               ) -> tuple[str, str, L.Reference, dict[str, Any]]:
-        """(label, link name for create_lora, reference, info) of an adapter spec."""
-        if spec.get("path"):
-            return self._open_file(spec, closers)
+        """(label, link name for create_lora, reference, info) of an adapter spec.
+
+        A daemon serving a store package takes only installed, signed LoRA packs by name
+        and version (re-verified from the store, as at push) and their own references: a
+        path, or a caller's reference/binding/digest, is refused before anything is read."""
         if self.store is None:
-            raise errors.UsageError("this daemon serves a plain folder: swap needs path")
-        name = spec.get("name")
-        if not isinstance(name, str):
-            raise errors.UsageError("swap needs name (or path)")
-        version = spec.get("version")
+            if not spec.get("path"):
+                raise errors.UsageError("this daemon serves a plain folder: swap needs path")
+            return self._open_file(spec, closers)
+        foreign = sorted(k for k in CALLER_ONLY_KEYS if spec.get(k) is not None)
+        if foreign:
+            raise errors.UsageError(
+                f"this daemon serves a signed package: swap takes an installed LoRA pack by "
+                f"name@version, never {', '.join(foreign)} from the caller", refused=foreign)
+        name, version = parse_pack_ref(spec.get("name"), spec.get("version"))
         if version is None:
             version = _newest_version(self.store.ctx, name)
         stack = contextlib.ExitStack()
@@ -304,7 +332,8 @@ class LlmEngine:
                 "base": self.base_info, "served": self.served, "swaps": self.swaps,
                 "refused": self.refused, "history": [_label(h) for h in self.history],
                 "uptime_s": round(time.time() - self.started, 3), "pid": os.getpid(),
-                "restore_error": self.restore_error}
+                "restore_error": self.restore_error, "vocab": self.vocab,
+                "memory_only": {"forced": self.memory_only, **L.MEMORY_ONLY}}
 
     def close(self) -> None:
         with self._ptr:
@@ -321,11 +350,44 @@ class LlmEngine:
         self.links.close()
 
 
+def _vocab_size(llm: Any) -> int | None:
+    """The vocabulary size: the last dimension of the logits of one token (None when
+    pymnn cannot tell; then only the prompt length is checked)."""
+    try:
+        size = int(llm._c_obj.forward([0]).shape[-1])
+        llm._c_obj.reset()
+    except Exception:  # not every pymnn build exposes forward; the check is best effort
+        return None
+    return size if size > 0 else None
+
+
 def _label(spec: dict[str, Any]) -> str:
     if spec.get("name") is None and not spec.get("path"):
         return "base"
     v = spec.get("version")
     return f"{spec.get('name')}@{v}" if v is not None else str(spec.get("name"))
+
+
+#: swap keys only a ``--model-dir`` daemon accepts (a store daemon reads them from the pack)
+CALLER_ONLY_KEYS = ("path", "reference", "reference_path", "sha256", "base")
+
+
+def parse_pack_ref(name: Any, version: Any) -> tuple[str, int | None]:
+    """``("adapter_a", 3)`` from ``name="adapter_a", version=3`` or ``name="adapter_a@3"``.
+    Raises :class:`UsageError` for anything that is not a valid pack name and version."""
+    from fleet.core.package import Manifest
+
+    if isinstance(name, str) and "@" in name and version is None:
+        name, _, v = name.partition("@")
+        version = v
+    if not isinstance(name, str) or not Manifest.valid_name(name):
+        raise errors.UsageError(f"swap needs name (a LoRA pack's name), not {name!r}")
+    if version is None:
+        return name, None
+    if isinstance(version, bool) or not (isinstance(version, int) or (
+            isinstance(version, str) and version.isdecimal() and version.isascii())):
+        raise errors.UsageError(f"swap: bad version {version!r}")
+    return name, int(version)
 
 
 def _newest_version(ctx: AgentContext, name: str) -> int:
@@ -342,10 +404,11 @@ def _load_llm(config_path: str, overrides: dict[str, Any]) -> Any:
 
     from fleet.core.mnn.fdcapture import capture_fds
 
+    safe, _ = L.memory_only_config(overrides)  # no mmap caches: plaintext stays in memory
     with capture_fds() as cap:
         llm = mllm.create(config_path)
         # greedy: reference checks and clients need deterministic outputs
-        llm.set_config({**overrides, "sampler_type": "greedy"})
+        llm.set_config({**safe, "sampler_type": "greedy"})
         llm.load()
         probe = llm._c_obj.generate([0], 1)
     if not probe:
@@ -414,9 +477,16 @@ def open_engine(ctx: AgentContext, *, model: str | None = None, model_dir: str |
 class _Handler(socketserver.StreamRequestHandler):
     server: ServeServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.limits.idle_timeout_s)  # silent: closed
+
     def handle(self) -> None:
         while True:
-            line = self.rfile.readline(1 << 22)
+            try:
+                line = self.rfile.readline(MAX_LINE + 1)
+            except (TimeoutError, OSError):
+                return  # idle past the timeout (or gone): the connection is closed
             if not line:
                 return
             if not line.strip():
@@ -433,12 +503,20 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The daemon's socket: one thread per connection, at most ``limits.max_connections``
+    at once (the next is answered ``request_limit`` and closed), each closed after
+    ``limits.idle_timeout_s`` without a request; out of file descriptors, the accept loop
+    backs off instead of spinning."""
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, path: Path, engine: LlmEngine) -> None:
+    def __init__(self, path: Path, engine: LlmEngine, limits: ServeLimits = SERVE) -> None:
         self.engine = engine
         self.path = path
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._backoff = 0.0
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if path.exists() or path.is_symlink():
             _refuse_if_live(path)
@@ -449,6 +527,42 @@ class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         finally:
             os.umask(old)
 
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            conn = super().get_request()
+        except OSError as exc:
+            if exc.errno in _ACCEPT_BACKOFF:
+                # the listening socket stays readable while accept() fails: without a
+                # pause the serve loop would spin at 100 % CPU
+                self._backoff = min(1.0, self._backoff * 2 or self.limits.accept_backoff_s)
+                log.warning("accept failed (%s); backing off %.2f s", exc.strerror,
+                            self._backoff)
+                time.sleep(self._backoff)
+            raise
+        self._backoff = 0.0
+        return conn
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(encode(error_doc(errors.RequestLimitError(
+                    f"too many connections (at most {self.limits.max_connections})",
+                    limit=self.limits.max_connections))))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         e = self.engine
@@ -456,10 +570,15 @@ class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             ids = req.get("ids")
             text = req.get("text")
             if ids is None and isinstance(text, str):
+                if len(text) > self.limits.max_prompt_tokens * 16:  # before tokenising
+                    raise errors.RequestLimitError(
+                        f"prompt text longer than {self.limits.max_prompt_tokens * 16} "
+                        "characters", limit=self.limits.max_prompt_tokens * 16)
                 ids = e.encode_text(text)
             if not isinstance(ids, list) or not ids or not all(
                     isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise errors.UsageError("generate needs ids (token id list) or text")
+            e.check_prompt(ids, self.limits.max_prompt_tokens)
             n = req.get("max_new_tokens", 16)
             if not isinstance(n, int) or not 0 < n <= MAX_NEW_TOKENS:
                 raise errors.UsageError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}")
@@ -480,6 +599,24 @@ class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if op == "ping":
             return {"ok": True}
         raise errors.UsageError(f"unknown op {op!r}", op=op)
+
+
+def serve_limits(given: Any) -> ServeLimits:
+    """:data:`~fleet.core.limits.SERVE`, with the ``limits`` argument's keys (only those
+    :class:`ServeLimits` has, positive numbers) over it."""
+    if not given:
+        return SERVE
+    if not isinstance(given, dict):
+        raise errors.UsageError("serve limits must be an object")
+    known = {f.name: f.type for f in dataclasses.fields(ServeLimits)}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in known or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or value <= 0:
+            raise errors.UsageError(f"bad serve limit {key}={value!r}", key=key)
+        out[key] = int(value) if key in ("max_connections", "max_prompt_tokens") else \
+            float(value)
+    return dataclasses.replace(SERVE, **out)
 
 
 def _refuse_if_live(path: Path) -> None:
@@ -515,6 +652,7 @@ def _flag_args(argv: list[str]) -> dict[str, Any]:
 
 def serve(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns a summary."""
+    harden_process()  # no core dumps of a process full of plaintext; private umask
     args = {**_flag_args(sys.argv), **args}
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s serve %(levelname)s %(message)s")
@@ -528,9 +666,14 @@ def serve(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
         config = dict(args.get("config") or {})
         if args.get("thread_num"):
             config["thread_num"] = int(args["thread_num"])
+        config, forced = L.memory_only_config(config)  # the caller cannot switch mmap on
         engine = open_engine(ctx, model=args.get("model"), model_dir=args.get("model_dir"),
                              state_file=state, config=config)
-        server = ServeServer(sock, engine)
+        engine.memory_only.update({k: {**v, "file": "serve config"}
+                                   for k, v in forced.items()})
+        if engine.memory_only:
+            log.warning("forced off (plaintext stays in memory): %s", engine.memory_only)
+        server = ServeServer(sock, engine, serve_limits(args.get("limits")))
         stop = threading.Event()
 
         def on_signal(signum: int, frame: Any) -> None:

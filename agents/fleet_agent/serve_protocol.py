@@ -9,11 +9,18 @@ send many). ``docs/serve-protocol.md`` is the reference; in short::
     {"op": "generate", "text": "Hello", "max_new_tokens": 8}
     -> {"ok": true, "ids": [...], "text": "...", "adapter": ...}  (needs a tokenizer)
     {"op": "swap", "name": "adapter_a", "version": 3}              (from the device store)
-    {"op": "swap", "path": "/x/lora.mnn", "reference": {...}}      (a plain file, --model-dir)
+    {"op": "swap", "name": "adapter_a@3"}                          (the same)
+    {"op": "swap", "path": "/x/lora.mnn", "reference": {...}}      (a plain file: only a
+                                                                    --model-dir daemon; a
+                                                                    store daemon refuses it)
     {"op": "swap", "name": null}                                   (serve the base alone)
     {"op": "swap", "rollback": true}                               (the adapter served before)
     -> {"ok": true, "adapter": "adapter_a@3", "previous": "...", "swap_ms": ..., ...}
     {"op": "status"} -> {"ok": true, "adapter": ..., "base": {...}, "served": n, ...}
+
+Bounds (:class:`fleet.core.limits.ServeLimits`): at most 64 connections at once (the next
+is answered ``request_limit`` and closed), a connection silent for 30 s is closed, a prompt
+holds at most 4096 tokens, every id below the model's vocabulary size (``request_limit``).
 
 Errors are data, as in the agent protocol: ``{"ok": false, "error": {"code", "type",
 "message", "details"}}``; the codes are ``fleet.core.errors`` codes, so :func:`call` raises the

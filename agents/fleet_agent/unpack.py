@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleet.core import errors
 from fleet.core.package import Limits, Manifest, decrypt_package
+from fleet.core.package.verify import Signers
 
 __all__ = ["OpenedPayload", "open_in_memory", "tmpfs_dir"]
 
@@ -88,7 +89,7 @@ def _write_all(fd: int, view: memoryview, path: str) -> None:
 
 
 @contextlib.contextmanager
-def open_in_memory(package: str | os.PathLike[str], trusted_signer: ed25519.Ed25519PublicKey,
+def open_in_memory(package: str | os.PathLike[str], trusted_signer: Signers,
                    device_key: ec.EllipticCurvePrivateKey, *, as_dir: bool = False,
                    limits: Limits | None = None) -> Iterator[OpenedPayload]:
     """Verify and decrypt ``package``; yield its files as memory paths; close on exit."""
@@ -103,7 +104,8 @@ def open_in_memory(package: str | os.PathLike[str], trusted_signer: ed25519.Ed25
             if directory is not None:
                 target = directory / path
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, 0o600)
             else:
                 fd = os.memfd_create(path.replace("/", "_")[:200],
                                      os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

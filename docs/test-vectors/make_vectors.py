@@ -15,6 +15,7 @@ import base64
 import json
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -48,7 +49,8 @@ def main() -> int:
         m = build_package(pairs, HERE / "vector1.fpkg", name="vector-model", version=1,
                           kind="model", recipients=[r], signing_key=controller,
                           entry="model.mnn", mnn_facts=None, golden="golden.npz",
-                          sequence=1, chunk_size=4096)
+                          sequence=1, chunk_size=4096,
+                          expires_in=timedelta(days=3650))  # a decoding vector: long-lived
     raw = (HERE / "vector1.fpkg").read_bytes()
     h = parse_header(raw)
     w = m.recipients[r.fingerprint]

@@ -12,7 +12,7 @@ import hashlib
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,9 +27,14 @@ from fleet.core.package.limits import DEFAULT_CHUNK_SIZE, Limits
 from fleet.core.package.manifest import FileEntry, Manifest
 from fleet.core.package.orders import default_sequence
 from fleet.core.package.recipients import Recipient, wrap_data_key
-from fleet.core.package.verify import verify_manifest
+from fleet.core.package.trust import format_time
+from fleet.core.package.verify import Signers, verify_manifest
 
-__all__ = ["base_binding", "build_package", "read_manifest"]
+__all__ = ["DEFAULT_PACKAGE_TTL", "base_binding", "build_package", "read_manifest"]
+
+#: how long a package stays valid on devices unless the caller says otherwise (the
+#: product's paths take it from ``FLEET_PACKAGE_EXPIRES_DAYS``: fleet.artifacts.trust)
+DEFAULT_PACKAGE_TTL = timedelta(days=90)
 
 _HASH_BLOCK = 1 << 20
 
@@ -80,11 +85,16 @@ def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, ve
                   mnn_facts: dict[str, Any] | None, base: dict[str, Any] | None = None,
                   golden: str | None = None, sequence: int | None = None,
                   chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  progress: Callable[[int], None] | None = None) -> Manifest:
+                  progress: Callable[[int], None] | None = None,
+                  expires_in: timedelta = DEFAULT_PACKAGE_TTL,
+                  now: datetime | None = None) -> Manifest:
     """Write ``out`` (a ``.fpkg``) holding ``files`` (payload path, local file) for
     ``recipients``, signed with ``signing_key``; returns the manifest.
 
-    ``progress`` is called with byte counts, twice per payload byte (hash, encrypt)."""
+    ``progress`` is called with byte counts, twice per payload byte (hash, encrypt).
+    ``sequence`` should come from the registry's counter (``fleet.artifacts.trust``);
+    without one this low-level API falls back to milliseconds since the epoch. The
+    manifest expires ``expires_in`` after ``now`` (default: the clock)."""
     if not files:
         raise errors.UsageError("a package needs at least one file")
     if not recipients:
@@ -104,14 +114,15 @@ def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, ve
         entries.append(FileEntry(rel, size, h.hexdigest(), offset))
         offset += size
     by_fp = {r.fingerprint: r for r in recipients}
+    created = now or datetime.now(UTC)
     m = Manifest(
         package_id=secrets.token_hex(16), name=name, kind=kind, version=version,
         sequence=default_sequence() if sequence is None else sequence,
-        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), size=offset,
+        created=format_time(created), size=offset,
         sha256=total.hexdigest() if total is not None else entries[0].sha256,
         chunk_size=chunk_size, files=tuple(entries), entry=entry,
         signer=fingerprint_public_key(signing_key.public_key()), recipients={},
-        mnn=mnn_facts, golden=golden, base=base)
+        mnn=mnn_facts, golden=golden, base=base, expires=format_time(created + expires_in))
     data_key = os.urandom(32)
     digest = m.content_digest()
     wrapped = {fp: wrap_data_key(data_key, r, digest) for fp, r in by_fp.items()}
@@ -144,7 +155,7 @@ def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, ve
 
 
 def read_manifest(path: str | os.PathLike[str],
-                  trusted_signer: ed25519.Ed25519PublicKey | None = None) -> Manifest:
+                  trusted_signer: Signers | None = None) -> Manifest:
     """The manifest of a package file, no key needed; with ``trusted_signer`` the signature
     is checked too (the controller's own bookkeeping)."""
     with open(path, "rb") as f:

@@ -1,4 +1,7 @@
-"""The controller's Ed25519 signing key: one 0600 PEM file in ``$FLEET_HOME/keys``.
+"""The controller's Ed25519 keys: 0600 PEM files in ``$FLEET_HOME/keys``.
+
+``signing_key.pem`` is the online key (manifests, rollback orders); ``root_key.pem`` the
+offline root key that signs root documents only (:mod:`fleet.artifacts.trust`).
 
 Never in the registry (which only ever sees the public part and its fingerprint). A key
 file that group or others can read is refused rather than used: a leaked signing key lets
@@ -18,7 +21,8 @@ from fleet.core import errors
 from fleet.core.package.keyid import fingerprint_public_key
 from fleet.home import FleetHome
 
-__all__ = ["SigningKeyInfo", "init_signing_key", "key_info", "load_signing_key", "public_pem"]
+__all__ = ["SigningKeyInfo", "init_signing_key", "key_info", "load_signing_key", "public_pem",
+           "write_private_key"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,14 @@ def key_info(path: Path, key: ed25519.Ed25519PrivateKey) -> SigningKeyInfo:
     return SigningKeyInfo(str(path), public_pem(pub), fingerprint_public_key(pub))
 
 
-def _write_private(path: Path, key: ed25519.Ed25519PrivateKey) -> None:
+def write_private_key(path: Path, key: ed25519.Ed25519PrivateKey) -> None:
+    """``key`` as a 0600 PKCS#8 PEM at ``path`` (temp file + fsync + rename)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)  # O_CREAT's mode is masked by umask and ignored if it existed
         with os.fdopen(fd, "wb") as f:
@@ -68,7 +74,7 @@ def init_signing_key(home: FleetHome, *, force: bool = False) -> SigningKeyInfo:
             "replace it (every device must then be re-enrolled)", path=str(path))
     home.ensure()
     key = ed25519.Ed25519PrivateKey.generate()
-    _write_private(path, key)
+    write_private_key(path, key)
     return key_info(path, key)
 
 

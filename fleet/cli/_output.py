@@ -1,4 +1,11 @@
-"""Data on stdout, progress and logs on stderr; ``--json`` everywhere; NO_COLOR honoured."""
+"""Data on stdout, progress and logs on stderr; ``--json`` everywhere; NO_COLOR honoured.
+
+Text that comes from a device or a model (agent error messages, reasons, findings, names a
+device reports) is always printed as text: :func:`table` cells and titles are literal
+:class:`rich.text.Text`, and a command that prints such text itself goes through
+:func:`literal` (``rich.markup.escape``). A device message holding ``[/]`` must neither
+crash the report (``MarkupError``) nor style the operator's terminal.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,12 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["emit", "emit_ndjson", "err", "out", "table", "to_jsonable"]
+__all__ = ["emit", "emit_ndjson", "err", "literal", "out", "table", "to_jsonable"]
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -47,10 +56,25 @@ def emit_ndjson(rows: Iterable[Any]) -> None:
     sys.stdout.flush()
 
 
+def literal(value: Any) -> str:
+    """``value`` as text with Rich markup escaped, for an f-string printed with markup."""
+    return escape(str(value))
+
+
+def _cell(value: Any) -> RenderableType:
+    """A table cell: a Rich renderable the caller built stays; anything else is text."""
+    if value is None:
+        return ""
+    if isinstance(value, (Text, Table)):
+        return value
+    return Text(str(value))
+
+
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    """Cells and title are literal text (never markup): rows often hold device text."""
+    t = Table(title=Text(title) if title is not None else None, title_justify="left")
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
+        t.add_row(*[_cell(v) for v in r])
     return t

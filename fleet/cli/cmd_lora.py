@@ -7,7 +7,7 @@ device's serve daemon checks both before the adapter serves (``docs/lora.md``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from fleet.cli._output import emit, err, table
 from fleet.cli.app import app
 from fleet.core import errors
 from fleet.registry import Device, Registry
+
+if TYPE_CHECKING:
+    from fleet.rollout.fanout import FleetResult
 
 lora_app = typer.Typer(help="LoRA adapters: package, push, hot-swap, roll back.",
                        no_args_is_help=True)
@@ -41,6 +44,12 @@ def _render_rows(title: str) -> Any:
     return render
 
 
+def _rows(result: FleetResult[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A lora fan-out's outcomes as table/JSON rows (``status``: ok or failed)."""
+    return [{"device": o.device, "status": o.status.label, **(o.result or {}),
+             "error": o.error.to_dict() if o.error else None} for o in result]
+
+
 def _run(verb: str, args: dict[str, Any], group: list[str], device: list[str], *,
          pack: Path | None = None, as_json: bool, title: str) -> None:
     from fleet.rollout.lora_push import lora_fanout
@@ -49,18 +58,15 @@ def _run(verb: str, args: dict[str, Any], group: list[str], device: list[str], *
     reg = Registry.open(home)
     try:
         devs = _targets(reg, group, device)
-        rows = lora_fanout(home, reg, devs, verb, args, pack=pack,
-                           on_state=lambda d, s: err.print(f"{d}: {s}", highlight=False))
+        result = lora_fanout(home, reg, devs, verb, args, pack=pack,
+                             on_state=lambda d, s: err.print(f"{d}: {s}", highlight=False,
+                                                             markup=False))
     finally:
         reg.close()
+    rows = _rows(result)
     render = _render_rows(title)
     emit(rows, as_json=as_json, render=lambda c: render(c, rows))
-    if any(r["status"] != "ok" for r in rows):
-        failed = [r for r in rows if r["status"] != "ok"]
-        first = failed[0].get("error") or {}
-        raise errors.error_from_code(str(first.get("code", "agent")),
-                                     f"{len(failed)} of {len(rows)} devices failed: "
-                                     f"{first.get('message', '')}", first.get("details"))
+    result.raise_for_failures(title)
 
 
 @lora_app.command("package")
@@ -163,11 +169,12 @@ def check(
     home = state().home
     reg = Registry.open(home)
     try:
-        rows = lora_fanout(home, reg, _targets(reg, group, device), "lora generate",
-                           {"prompts": ref["prompts"],
-                            "max_new_tokens": ref["max_new_tokens"]})
+        result = lora_fanout(home, reg, _targets(reg, group, device), "lora generate",
+                             {"prompts": ref["prompts"],
+                              "max_new_tokens": ref["max_new_tokens"]})
     finally:
         reg.close()
+    rows = _rows(result)
     for r in rows:
         outs = r.get("outputs") or []
         r["matches"] = sum(1 for got, want in zip(outs, ref["expected"], strict=False)
@@ -177,8 +184,9 @@ def check(
         f"outputs vs {reference.name}", ["device", "adapter", "matching prompts", "error"],
         [(r["device"], r.get("adapter") or "-", f"{r['matches']}/{r['prompts']}",
           (r.get("error") or {}).get("message", "")) for r in rows])))
-    if any(r.get("status") != "ok" or r["matches"] != r["prompts"] for r in rows):
-        raise typer.Exit(20)  # a device failed or its outputs differ from the reference
+    result.raise_for_failures("lora check")
+    if any(r["matches"] != r["prompts"] for r in rows):
+        raise typer.Exit(20)  # outputs differ from the reference
 
 
 @lora_app.command("rollback")

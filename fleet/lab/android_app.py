@@ -7,8 +7,9 @@ module). An app is "installed" when ``/data/data/<package>`` exists. Its mailbox
 app receives no broadcasts (its mailbox goes unanswered) until ``am start -n <package>/...``.
 ``am broadcast -a <package>.FLEET_WAKE`` returns at once, as on Android, and the app works
 through its inbox in the background: one request at a time (``flock`` on
-``/data/data/<package>/mailbox.lock``), each answered by the agent
-(:func:`fleet.lab.ios_app.handle_request`, shared with the emulated iOS app).
+``/data/data/<package>/mailbox.lock``), each checked and answered by the agent's mailbox
+handler (:mod:`fleet_agent.mailbox_auth`: signed requests only, signed answers; through
+:func:`fleet.lab.ios_app.handle_request`, shared with the emulated iOS app).
 
 Output mimics the real tools closely enough for scripts: ``Broadcasting: Intent {...}`` /
 ``Broadcast completed: result=0``; ``pm path`` prints ``package:<apk>`` or exits 1.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -29,6 +29,9 @@ from pathlib import Path
 __all__ = ["installed_packages", "mailbox_dir", "main", "serve_inbox"]
 
 WAKE_SUFFIX = ".FLEET_WAKE"
+#: the app's agent root, relative to its files folder (the controller names it by its
+#: absolute path, ``/sdcard/Android/data/<package>/files/fleet/agent``)
+AGENT_ROOT = "fleet/agent"
 
 
 def installed_packages() -> list[str]:
@@ -62,16 +65,15 @@ def serve_inbox(package: str, *, linger_s: float = 0.3) -> int:
             for path in entries:
                 rid = path.name[:-5]
                 try:
-                    request = json.loads(path.read_text())
-                    if not isinstance(request, dict):
-                        raise ValueError("not an object")
-                except (OSError, ValueError) as exc:
-                    request = {"argv": None, "_error": str(exc)}
-                request["id"] = rid
-                response = handle_request(base.parent, request, python=sys.executable)
-                tmp = outbox / f".{rid}.json.tmp"
-                tmp.write_text(json.dumps(response))
-                os.replace(tmp, outbox / f"{rid}.json")
+                    data = path.read_bytes()
+                except OSError:
+                    data = b""
+                answer = handle_request(base.parent, data, rid, root=AGENT_ROOT,
+                                        python=sys.executable)
+                if answer is not None:
+                    tmp = outbox / f".{rid}.json.tmp"
+                    tmp.write_bytes(answer)
+                    os.replace(tmp, outbox / f"{rid}.json")
                 path.unlink(missing_ok=True)
                 answered += 1
             idle_since = time.monotonic()

@@ -25,7 +25,7 @@ _FACTOR = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
 
 def parse_rate(rate: str) -> int:
     """``2mbit`` -> 2000000 (bits per second); the units tc understands, lower case."""
-    m = _RATE.match(rate.strip().lower())
+    m = _RATE.fullmatch(rate.strip().lower())
     if not m:
         raise errors.UsageError(f"bandwidth {rate!r} is not like 2mbit, 500kbit, 1gbit")
     bits = int(float(m.group(1)) * _FACTOR[m.group(2)])

@@ -1,82 +1,73 @@
 """The emulated iOS app that embeds the fleet agent and answers its mailbox.
 
 Why it exists: iOS gives no shell, so the controller runs agent verbs by dropping a
-request into the app's ``Documents/fleet/inbox/`` over AFC; the app (on a real phone:
-the host app linking the agent and the MNN runtime) runs the verb and writes the answer
-to ``Documents/fleet/outbox/``. The mailbox documents (``fleet.mailbox/1``):
-
-    request  inbox/<id>.json   {"schema", "id", "argv", "stdin_b64"?, "timeout_s"?}
-    response outbox/<id>.json  {"schema", "id", "exit_code", "stdout_b64", "stderr_b64",
-                                "duration_s"}
+signed request into the app's ``Documents/fleet/inbox/`` over AFC; the app (on a real
+phone: the host app linking the agent and the MNN runtime) checks it, runs the verb and
+writes the device-signed answer to ``Documents/fleet/outbox/``. The documents
+(``fleet.mailbox/2``) and every check are ``docs/agent-protocol.md`` ("Mailbox"): this app
+only moves files; each request's bytes go to the agent's own mailbox handler
+(:mod:`fleet_agent.mailbox_auth`, the code a real app embeds, run here as
+``python -m fleet_agent.mailbox_auth`` with the container as working directory), which
+refuses unsigned, forged, replayed, expired and misaddressed requests and verbs the
+mailbox does not run, and signs what it answers. The app runs only the agent, never
+arbitrary programs: the mailbox is not a shell.
 
 Both sides write to a dot-named temp file and rename, so nobody reads half a document.
-The app runs only the agent (``argv[0] == "fleet-agent"``), never arbitrary programs: the
-mailbox is not a shell. Here the agent runs as ``python -m fleet_agent`` with the app
-container as working directory, one request at a time per phone. ``mute`` emulates an
-app that iOS keeps suspended: requests stay unanswered; ``slow`` takes each request at
-once but answers only after :data:`SLOW_S` seconds (a long benchmark).
+One request at a time per phone. ``mute`` emulates an app that iOS keeps suspended:
+requests stay unanswered; ``slow`` takes each request at once but answers only after
+:data:`SLOW_S` seconds (a long benchmark).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
-from fleet.mailbox import AGENT_ARGV0, SCHEMA
+from fleet.core.mailbox import MAX_TTL_S, SCHEMA
 
-__all__ = ["INBOX", "MAILBOX_SCHEMA", "OUTBOX", "EmulatedApp", "handle_request"]
+__all__ = ["AGENT_ROOT", "INBOX", "MAILBOX_SCHEMA", "OUTBOX", "EmulatedApp",
+           "handle_request"]
 
 MAILBOX_SCHEMA = SCHEMA
 INBOX = "Documents/fleet/inbox"
 OUTBOX = "Documents/fleet/outbox"
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_AGENT = AGENT_ARGV0
-_DEFAULT_TIMEOUT = 600.0
+AGENT_ROOT = "Documents/fleet/agent"
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_REQUEST = 4 << 20
 SLOW_S = 3.0
 
 
-def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def handle_request(container: Path, request: dict[str, Any], *,
-                   python: str = sys.executable) -> dict[str, Any]:
-    """Run one mailbox request and build its response document."""
-    rid = str(request.get("id", ""))
-    argv = request.get("argv")
-    started = time.monotonic()
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        code, out, err = 2, b"", b"mailbox request without a valid argv\n"
-    elif argv[0] != _AGENT:
-        code, out, err = 127, b"", f"this app runs only {_AGENT}, not {argv[0]!r}\n".encode()
-    else:
-        stdin = base64.b64decode(request["stdin_b64"]) if request.get("stdin_b64") else None
-        timeout = float(request.get("timeout_s") or _DEFAULT_TIMEOUT)
-        try:
-            proc = subprocess.run([python, "-m", "fleet_agent", *argv[1:]], cwd=container,
-                                  input=stdin, capture_output=True, timeout=timeout,
-                                  stdin=None if stdin is not None else subprocess.DEVNULL)
-            code, out, err = proc.returncode, proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            code, out, err = 124, exc.stdout or b"", (exc.stderr or b"") + b"\ntimed out\n"
-    return {"schema": MAILBOX_SCHEMA, "id": rid, "exit_code": code,
-            "stdout_b64": base64.b64encode(out).decode(),
-            "stderr_b64": base64.b64encode(err).decode(),
-            "duration_s": round(time.monotonic() - started, 3)}
+def handle_request(container: Path, data: bytes, rid: str, *, root: str = AGENT_ROOT,
+                   python: str = sys.executable) -> bytes | None:
+    """Hand one request's bytes to the agent's mailbox handler; the answer's bytes, or
+    ``None`` when the handler itself failed (logged; the controller sees no answer)."""
+    try:
+        proc = subprocess.run([python, "-m", "fleet_agent.mailbox_auth", "--container",
+                               str(container), "--root", root, "--id", rid],
+                              input=data[:_MAX_REQUEST], capture_output=True,
+                              timeout=MAX_TTL_S + 60, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"mailbox handler for {rid} did not finish", file=sys.stderr, flush=True)
+        return None
+    if proc.returncode != 0 or not proc.stdout:
+        print(f"mailbox handler for {rid} failed ({proc.returncode}): "
+              f"{proc.stderr.decode(errors='replace')[-2000:]}", file=sys.stderr, flush=True)
+        return None
+    return proc.stdout
 
 
 class EmulatedApp(threading.Thread):
@@ -110,7 +101,7 @@ class EmulatedApp(threading.Thread):
         if name.startswith(".") or not name.endswith(".json"):
             return  # a temp file still being written
         rid = name[:-5]
-        if not _ID.match(rid):
+        if not _ID.fullmatch(rid):
             path.unlink(missing_ok=True)
             return
         taken = path.with_name(f".{rid}.json.taken")
@@ -119,15 +110,13 @@ class EmulatedApp(threading.Thread):
         except FileNotFoundError:
             return
         try:
-            request = json.loads(taken.read_text())
-            if not isinstance(request, dict):
-                raise ValueError("not an object")
-        except (OSError, ValueError) as exc:
-            request = {"id": rid, "argv": None, "_error": str(exc)}
-        request["id"] = rid
+            data = taken.read_bytes()
+        except OSError:
+            data = b""
         if self.mode == "slow" and self._stop_event.wait(SLOW_S):
             return
-        response = handle_request(self.container, request, python=self.python)
-        outbox.mkdir(parents=True, exist_ok=True)
-        _write_atomic(outbox / f"{rid}.json", response)
+        answer = handle_request(self.container, data, rid, python=self.python)
+        if answer is not None:
+            outbox.mkdir(parents=True, exist_ok=True)
+            _write_atomic(outbox / f"{rid}.json", answer)
         taken.unlink(missing_ok=True)

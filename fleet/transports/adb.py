@@ -9,7 +9,9 @@ URI, or ``$ANDROID_ADB_SERVER_PORT``) through adbutils; it never starts a server
   ``/data/local/tmp`` with a ``fleet-agent`` launcher at ``/data/local/tmp/fleet/bin``
   (the default agent command; the registry's ``agent_cmd`` overrides it). Termux's Python
   lives in Termux's private folder, which ``adb shell`` cannot enter on a phone without root.
-- ``app``: an app that embeds the agent answers the mailbox (:mod:`fleet.mailbox`) in
+- ``app``: an app that embeds the agent answers the authenticated mailbox
+  (:mod:`fleet.mailbox`: requests signed by the controller, answers by the device key;
+  keys in ``TransportOptions.mailbox``) in
   ``/sdcard/Android/data/<package>/files/fleet/{inbox,outbox}``, woken with
   ``am broadcast -a <package>.FLEET_WAKE``. Agent calls (argv[0] named ``fleet-agent``)
   go there; every other command still runs through ``adb shell``.
@@ -44,6 +46,8 @@ from fleet.core import errors
 from fleet.core.fsutil import sha256_file
 from fleet.mailbox import AGENT_ARGV0, Mailbox
 from fleet.transports import adb_wire
+from fleet.transports._bounded import CappedBuffer
+from fleet.transports._parts import part_slot
 from fleet.transports.base import (
     CommandResult,
     ProgressCallback,
@@ -245,7 +249,9 @@ class AdbTransport(Transport):
         if "shell_v2" in self.features():
             with self._service(f"shell,v2,raw:{command}", f"adb shell {argv[0]}") as sock, \
                     self._errors(f"adb shell {argv[0]}"):
-                out = adb_wire.shell_v2(sock, stdin, deadline)
+                out = adb_wire.shell_v2(sock, stdin, deadline,
+                                        out=CappedBuffer("stdout", uri=self.uri),
+                                        err=CappedBuffer("stderr", uri=self.uri))
             return CommandResult(tuple(argv), out.exit_code, out.stdout, out.stderr,
                                  time.monotonic() - started)
         return self._shell_v1(argv, command, stdin, deadline, started)
@@ -261,7 +267,7 @@ class AdbTransport(Transport):
             command = f"{command} < {shlex.quote(temp)}; r=$?; rm -f {shlex.quote(temp)}; " \
                       f"(exit $r)"
         wrapped = f"{command}; echo \"{_EXIT_MARK}$?\""
-        buf = bytearray()
+        buf = CappedBuffer("stdout", uri=self.uri)  # a device that prints without end fails
         with self._service(f"shell:{wrapped}", f"adb shell {argv[0]}") as sock, \
                 self._errors(f"adb shell {argv[0]}"):
             while True:
@@ -272,7 +278,7 @@ class AdbTransport(Transport):
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
-                buf += chunk
+                buf.add(chunk)
         text = bytes(buf)
         mark = text.rfind(_EXIT_MARK.encode())
         if mark < 0:
@@ -332,9 +338,12 @@ class AdbTransport(Transport):
 
     def push(self, local: Path, remote: str, *, resume: bool = True,
              progress: ProgressCallback | None = None) -> TransferResult:
-        """Sync ``SEND``, then size and sha256 checked on the phone. adb sync cannot resume
-        a partial file (adbd deletes it), so ``resume`` means: skip a complete, identical
-        copy already there (a retried push after a drop costs one checksum)."""
+        """Sync ``SEND`` into this push's own partial file (``<remote>.part``, or
+        ``<remote>.<n>.part`` while another push of it runs: :mod:`fleet.transports._parts`),
+        size and sha256 checked on the phone, then ``mv`` into place: two pushes of one
+        file never write one file. adb sync cannot resume a partial file (adbd deletes
+        it), so ``resume`` means: skip a complete, identical copy already there (a retried
+        push after a drop costs one checksum)."""
         local = Path(local)
         started = time.monotonic()
         if not local.is_file():
@@ -342,6 +351,9 @@ class AdbTransport(Transport):
                                        path=str(local))
         size = local.stat().st_size
         digest = sha256_file(local)
+        # a planted link at the destination is removed (rm never follows), never pushed
+        # through: stat below would follow it into a folder outside the agent's root
+        self.check(["sh", "-c", 'if [ -L "$1" ]; then rm -f -- "$1"; fi', "sh", remote])
         existing = self.stat(remote)
         if existing is not None and existing.is_dir:
             remote = f"{remote.rstrip('/')}/{local.name}"
@@ -350,24 +362,38 @@ class AdbTransport(Transport):
                 and self.remote_sha256(remote) == digest:
             return TransferResult(str(local), remote, size, 0, size, digest,
                                   time.monotonic() - started)
-        mode = stat_mod.S_IFREG | (stat_mod.S_IMODE(local.stat().st_mode) or 0o644)
-        with self._service("sync:", f"push {remote}") as sock, \
-                self._errors(f"push {local.name} to {remote}"), open(local, "rb") as f:
-            sent = adb_wire.send_file(sock, f, remote, mode, int(local.stat().st_mtime), size,
-                                      progress)
-            adb_wire.quit_sync(sock)
-        after = self.stat(remote)
-        if after is None or after.size != size:
-            raise errors.RemoteFileError(
-                f"push {remote}: phone has {after.size if after else 'no'} bytes, sent {size}",
-                uri=self.uri, path=remote, expected=size)
-        remote_digest = self.remote_sha256(remote)
-        if remote_digest != digest:
-            raise errors.RemoteFileError(f"push {remote}: sha256 on the phone differs",
-                                         uri=self.uri, path=remote, expected=digest,
-                                         actual=remote_digest)
+        with part_slot(self.options.home, self.uri, remote) as part:
+            # the partial file: whatever sits there (a planted link too) is removed first;
+            # adbd then creates a new file, never writing through a link
+            self.check(["rm", "-f", "--", part])
+            sent = self._send(local, part, size, digest, progress)
+            self.check(["sh", "-c", '[ -L "$1" ] && exit 6; if [ -L "$2" ]; then rm -f -- '
+                        '"$2"; fi; [ -d "$2" ] && exit 6; mv -f -- "$1" "$2"', "sh", part,
+                        remote])
         return TransferResult(str(local), remote, size, sent, 0, digest,
                               time.monotonic() - started)
+
+    def _send(self, local: Path, part: str, size: int, digest: str,
+              progress: ProgressCallback | None) -> int:
+        """``local`` into ``part`` on the phone, checked by size and sha256; bytes sent."""
+        mode = stat_mod.S_IFREG | (stat_mod.S_IMODE(local.stat().st_mode) or 0o644)
+        with self._service("sync:", f"push {part}") as sock, \
+                self._errors(f"push {local.name} to {part}"), open(local, "rb") as f:
+            sent = adb_wire.send_file(sock, f, part, mode, int(local.stat().st_mtime), size,
+                                      progress)
+            adb_wire.quit_sync(sock)
+        after = self.stat(part)
+        if after is None or after.size != size:
+            raise errors.RemoteFileError(
+                f"push {part}: phone has {after.size if after else 'no'} bytes, sent {size}",
+                uri=self.uri, path=part, expected=size)
+        remote_digest = self.remote_sha256(part)
+        if remote_digest != digest:
+            self._shell(["rm", "-f", part], timeout=30)
+            raise errors.RemoteFileError(f"push {part}: sha256 on the phone differs",
+                                         uri=self.uri, path=part, expected=digest,
+                                         actual=remote_digest)
+        return sent
 
     def _read(self, remote: str) -> bytes:
         buf = io.BytesIO()
@@ -407,7 +433,8 @@ class AdbTransport(Transport):
             self.check(["am", "broadcast", "-a", f"{package}.FLEET_WAKE", "-p", package])
 
         return Mailbox(_AdbMailboxIO(self), f"/sdcard/Android/data/{package}/files/fleet",
-                       wake=wake)
+                       credentials=self.options.mailbox, wake=wake,
+                       where=f"phone {self.serial} app {package}")
 
     def run_probe(self, *, timeout: float = 120.0) -> dict[str, Any]:
         """Push the native ``fleet-probe`` and run it: capabilities without Python."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = ["ShellOutput", "SyncFailure", "SyncStat", "quit_sync", "recv_file", "send_file",
            "shell_v2", "stat"]
@@ -124,16 +124,20 @@ class ShellOutput:
     stderr: bytes
 
 
-def shell_v2(sock: socket.socket, stdin: bytes | None, deadline: float) -> ShellOutput:
+def shell_v2(sock: socket.socket, stdin: bytes | None, deadline: float, *,
+             out: Any = None, err: Any = None) -> ShellOutput:
     """Drive an opened ``shell,v2`` stream: stdin packets, close-stdin, then collect
-    stdout/stderr packets until the exit packet. Raises ``TimeoutError`` at the deadline."""
+    stdout/stderr packets until the exit packet. Raises ``TimeoutError`` at the deadline.
+    ``out``/``err``: collectors with ``add(bytes)`` (the transport's capped buffers, which
+    raise past their cap); plain bytearrays by default."""
     if stdin:
         view = memoryview(stdin)
         for start in range(0, len(view), SYNC_DATA_MAX):
             block = bytes(view[start:start + SYNC_DATA_MAX])
             sock.sendall(struct.pack("<BI", ID_STDIN, len(block)) + block)
     sock.sendall(struct.pack("<BI", ID_CLOSE_STDIN, 0))
-    out, err = bytearray(), bytearray()
+    sink_out = out if out is not None else _Plain()
+    sink_err = err if err is not None else _Plain()
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -142,11 +146,16 @@ def shell_v2(sock: socket.socket, stdin: bytes | None, deadline: float) -> Shell
         kind, length = struct.unpack("<BI", read_exact(sock, 5))
         data = read_exact(sock, length) if length else b""
         if kind == ID_STDOUT:
-            out += data
+            sink_out.add(data)
         elif kind == ID_STDERR:
-            err += data
+            sink_err.add(data)
         elif kind == ID_EXIT:
-            return ShellOutput(data[0] if data else 255, bytes(out), bytes(err))
+            return ShellOutput(data[0] if data else 255, bytes(sink_out), bytes(sink_err))
+
+
+class _Plain(bytearray):
+    def add(self, data: bytes) -> None:
+        self += data
 
 
 def write_atomic(path: Path, chunks: Callable[[BinaryIO], int]) -> int:

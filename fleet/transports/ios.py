@@ -3,9 +3,11 @@
 Why it looks like this: iOS has no shell and no general file access. Files go into the
 app's sandbox through lockdownd -> ``com.apple.mobile.house_arrest`` -> AFC (remote paths
 are relative to the container, e.g. ``Documents/fleet/agent/...``); commands go through
-the mailbox (:mod:`fleet.mailbox`): a request document in ``Documents/fleet/inbox``, the
-app's answer awaited in ``Documents/fleet/outbox`` until a deadline, an unanswered request
-raised as :class:`fleet.core.errors.MailboxPendingError`, never reported as success.
+the mailbox (:mod:`fleet.mailbox`): a request signed by the controller in
+``Documents/fleet/inbox``, the app's answer, signed by the device key, awaited in
+``Documents/fleet/outbox`` until a deadline (keys: ``TransportOptions.mailbox``), an
+unanswered request raised as :class:`fleet.core.errors.MailboxPendingError`, never
+reported as success.
 
 tidevice does the wire work (usbmuxd, lockdown plists, TLS, AFC packets); this module
 adds what a fleet needs on top: it never pairs on its own (a missing or refused pair
@@ -32,7 +34,6 @@ import ssl
 import struct
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,7 +49,8 @@ from tidevice.session import Session
 
 from fleet.core import errors
 from fleet.core.fsutil import sha256_file
-from fleet.mailbox import Mailbox, decode_response, encode_request
+from fleet.mailbox import Mailbox
+from fleet.transports._parts import part_slot
 from fleet.transports.base import (
     CommandResult,
     ProgressCallback,
@@ -59,7 +61,7 @@ from fleet.transports.base import (
 )
 from fleet.transports.uri import parse_uri
 
-__all__ = ["HOUSE_ARREST", "MAILBOX_BASE", "IosTransport"]
+__all__ = ["HOUSE_ARREST", "MAILBOX_BASE", "IosTransport", "container_path"]
 
 HOUSE_ARREST = "com.apple.mobile.house_arrest"
 MAILBOX_BASE = "Documents/fleet"
@@ -70,6 +72,27 @@ _AFC_ERRORS: dict[int, type[errors.TransportError]] = {
     AFCStatus.ST_OBJECT_IS_DIR: errors.RemoteFileError,
     AFCStatus.ST_NO_SPACE_LEFT: errors.RemoteDiskFullError,
 }
+
+
+def container_path(remote: str, uri: str = "") -> str:
+    """``remote`` as an AFC path inside the app's container (``/`` is the container's root).
+
+    Refused (:class:`~fleet.core.errors.RemoteFileError`) before anything is sent: a
+    ``..`` component anywhere in the path as given (normalising first would fold
+    ``a/../../x`` into ``/x`` and hide the escape), a NUL or backslash, an empty path. A
+    leading ``/`` means the container's root, as AFC reads it, never the phone's."""
+    if not isinstance(remote, str) or not remote.strip("/") or "\0" in remote \
+            or "\\" in remote:
+        raise errors.RemoteFileError(f"not a container path: {remote!r}", uri=uri,
+                                     path=str(remote))
+    if ".." in remote.split("/"):
+        raise errors.RemoteFileError(f"path escapes the container: {remote!r}", uri=uri,
+                                     path=remote)
+    norm = posixpath.normpath("/" + remote.lstrip("/"))
+    if not norm.startswith("/") or norm.startswith("//") or ".." in norm.split("/"):
+        raise errors.RemoteFileError(f"path escapes the container: {remote!r}", uri=uri,
+                                     path=remote)
+    return norm
 
 
 class _Device(_TiDevice):
@@ -231,11 +254,7 @@ class IosTransport(Transport):
 
     # -- AFC helpers -------------------------------------------------------------------------
     def _path(self, remote: str) -> str:
-        norm = posixpath.normpath("/" + remote.lstrip("/"))
-        if ".." in norm.split("/"):
-            raise errors.RemoteFileError(f"path escapes the container: {remote!r}",
-                                         uri=self.uri)
-        return norm
+        return container_path(remote, self.uri)
 
     def _check(self, status: int, what: str, remote: str) -> None:
         if status == AFCStatus.ST_SUCCESS:
@@ -302,22 +321,18 @@ class IosTransport(Transport):
         ``options.mailbox_timeout`` (else it is withdrawn and reported pending: the app is
         not running, iOS suspends apps in the background), and answer within ``timeout``
         (a benchmark may run for minutes once taken)."""
-        box = Mailbox(io=self, base=MAILBOX_BASE)
-        started = time.monotonic()
+        box = Mailbox(io=self, base=MAILBOX_BASE, credentials=self.options.mailbox,
+                      where=f"iPhone {self.udid} app {self.bundle}")
+        posted = box.post(argv, timeout=timeout, stdin=stdin)
+        rid, started = posted.rid, posted.started
         pickup_by = started + min(timeout, self.options.mailbox_timeout)
         answer_by = started + timeout
-        rid = uuid.uuid4().hex
-        request, temp = f"{box.inbox}/{rid}.json", f"{box.inbox}/.{rid}.json.tmp"
-        answer = f"{box.outbox}/{rid}.json"
-        self.write_bytes(temp, encode_request(rid, argv, stdin=stdin, timeout=timeout))
-        self.rename(temp, request)
+        request, answer = posted.request_path, posted.answer_path
         taken, delay = False, box.poll_s
         while True:
             data = self.read_bytes(answer)
             if data is not None:
-                code, out, err = decode_response(data, rid)
-                self.remove(answer)
-                return CommandResult(tuple(argv), code, out, err, time.monotonic() - started)
+                return box.accept(posted, data)
             now = time.monotonic()
             if not taken:
                 taken = self.stat(request) is None
@@ -350,14 +365,21 @@ class IosTransport(Transport):
 
     def push(self, local: Path, remote: str, *, resume: bool = True,
              progress: ProgressCallback | None = None) -> TransferResult:
-        """Write ``<remote>.part`` (resumable: a sidecar binds it to the source digest),
-        check its size, rename it into place."""
+        """Write this push's own partial file (``<remote>.part``, or ``<remote>.<n>.part``
+        while another push of it runs: :mod:`fleet.transports._parts`; resumable: a sidecar
+        binds it to the source digest), check its size, rename it into place."""
+        with part_slot(self.options.home, self.uri, remote) as part_remote:
+            return self._push(local, remote, part_remote, resume, progress)
+
+    def _push(self, local: Path, remote: str, part_remote: str, resume: bool,
+              progress: ProgressCallback | None) -> TransferResult:
         started = time.monotonic()
         size = local.stat().st_size
         digest = sha256_file(local)
         with self._ops(f"push {local} -> {remote}"):
             sync, path = self._sync(), self._path(remote)
-            part, tag = path + ".part", path + ".part.sha256"
+            part = self._path(part_remote)
+            tag = part + ".sha256"
             self._mkdir_parent(sync, path)
             offset = 0
             if resume:

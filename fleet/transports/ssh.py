@@ -5,7 +5,8 @@ Security: host keys are checked strictly against the fleet-managed known_hosts
 off. First contact with an unknown host fails with its ``SHA256:`` fingerprint; the operator
 accepts exactly that key with ``accept_host_key``. A changed key is refused.
 
-Pushes go over SFTP into ``<remote>.part``. A later push resumes from that partial file
+Pushes go over SFTP into ``<remote>.part`` (``<remote>.<n>.part`` while another push of
+the same file runs: :mod:`fleet.transports._parts`). A later push resumes from that partial file
 when its bytes equal the local prefix: the device hashes the partial file with
 ``sha256sum`` and the controller compares with the hash of the same number of local bytes
 (a full hash, not a size guess: a truncated or foreign ``.part`` restarts from zero). The
@@ -34,6 +35,7 @@ import paramiko
 
 from fleet.core import errors
 from fleet.home import FleetHome
+from fleet.transports._bounded import CappedBuffer
 from fleet.transports._known_hosts import (
     KnownHosts,
     ensure_ssh_key,
@@ -41,6 +43,7 @@ from fleet.transports._known_hosts import (
     host_pattern,
     load_private_key,
 )
+from fleet.transports._parts import part_slot
 from fleet.transports.base import (
     CommandResult,
     ProgressCallback,
@@ -296,7 +299,9 @@ class SshTransport(Transport):
     def _pump(self, chan: paramiko.Channel, stdin: bytes | None, deadline: float,
               argv: tuple[str, ...], timeout: float) -> tuple[bytes, bytes]:
         """Feed stdin and drain stdout/stderr together (no pipe deadlock) until EOF."""
-        out, err = bytearray(), bytearray()
+        # capped: a device that prints without end fails the call (OutputLimitError)
+        out = CappedBuffer("stdout", uri=self.uri)
+        err = CappedBuffer("stderr", uri=self.uri)
         pending = memoryview(stdin or b"")
         if not pending:
             chan.shutdown_write()
@@ -310,16 +315,16 @@ class SshTransport(Transport):
                     chan.shutdown_write()
                 busy = True
             while chan.recv_ready():
-                out += chan.recv(65536)
+                out.add(chan.recv(65536))
                 busy = True
             while chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
+                err.add(chan.recv_stderr(65536))
                 busy = True
             if chan.exit_status_ready() and (chan.eof_received or chan.closed):
                 while chan.recv_ready():
-                    out += chan.recv(65536)
+                    out.add(chan.recv(65536))
                 while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
+                    err.add(chan.recv_stderr(65536))
                 return bytes(out), bytes(err)
             if time.monotonic() > deadline:
                 raise errors.TransportTimeout(
@@ -338,11 +343,14 @@ class SshTransport(Transport):
 
     def push(self, local: Path, remote: str, *, resume: bool = True,
              progress: ProgressCallback | None = None) -> TransferResult:
-        local = Path(local)
+        path = _shell_path(remote)
+        with part_slot(self.options.home, self.uri, path) as part:
+            return self._push(Path(local), remote, path, part, resume, progress)
+
+    def _push(self, local: Path, remote: str, path: str, part: str, resume: bool,
+              progress: ProgressCallback | None) -> TransferResult:
         start = time.monotonic()
         size = local.stat().st_size
-        path = _shell_path(remote)
-        part = path + ".part"
         offset, hasher = self._prepare_push(local, path, part, size, resume)
         sent = 0
         try:
@@ -352,7 +360,7 @@ class SshTransport(Transport):
                     progress(offset, size)
                 try:
                     if offset < size:
-                        with sftp.open(part, "r+b" if offset else "wb") as f, \
+                        with sftp.open(part, "r+b" if offset else "wxb") as f, \
                                 open(local, "rb") as src:
                             f.MAX_REQUEST_SIZE = _SFTP_WRITE
                             f.set_pipelined(True)
@@ -383,11 +391,21 @@ class SshTransport(Transport):
                       resume: bool) -> tuple[int, Any]:
         """One round trip: make the parent, measure free space and the partial file."""
         parent = os.path.dirname(path) or "."
+        # The partial file is never followed: a planted link (or anything that is not our
+        # own regular file) is removed -- rm removes the link, not its target -- and a fresh
+        # push creates the file O_EXCL (SFTP "x"), which fails on anything planted since.
         res = self._sh(
-            'mkdir -p -- "$1" || exit 3; df -Pk -- "$1" | tail -n 1; '
-            'if [ "$3" = 1 ] && [ -f "$2" ]; then echo "part $(wc -c < "$2") '
+            '[ -L "$1" ] && exit 6; mkdir -p -m 700 -- "$1" || exit 3; [ -L "$1" ] && exit 6; '
+            'df -Pk -- "$1" | tail -n 1; '
+            'if [ -L "$2" ] || { [ -e "$2" ] && { [ ! -f "$2" ] || [ ! -O "$2" ]; }; }; then '
+            'rm -f -- "$2"; fi; '
+            'if [ "$3" = 1 ] && [ -f "$2" ] && [ ! -L "$2" ]; then echo "part $(wc -c < "$2") '
             '$(sha256sum < "$2" | cut -d" " -f1)"; else rm -f -- "$2"; fi',
             parent, part, "1" if resume else "0")
+        if res.exit_code == 6:
+            raise errors.RemoteFileError(
+                f"{parent} on {self.target} is a symbolic link; refusing to push through it",
+                uri=self.uri, path=parent)
         if res.exit_code == 3:
             raise errors.RemoteFileError(
                 f"cannot create {parent} on {self.target}: {res.stderr.decode(errors='replace')}",
@@ -438,8 +456,9 @@ class SshTransport(Transport):
 
     def _finish_push(self, path: str, part: str, digest: str) -> str:
         res = self._sh(
-            'h=$(sha256sum < "$1" | cut -d" " -f1) || exit 4; echo "$h"; '
-            '[ "$h" = "$2" ] || exit 5; mv -f -- "$1" "$3"',
+            '[ -L "$1" ] && exit 6; h=$(sha256sum < "$1" | cut -d" " -f1) || exit 4; '
+            'echo "$h"; [ "$h" = "$2" ] || exit 5; if [ -L "$3" ]; then rm -f -- "$3"; fi; '
+            '[ -d "$3" ] && exit 6; mv -f -- "$1" "$3"',
             part, digest, path, timeout=max(self.io_timeout, 60.0))
         if res.exit_code == 5:
             self._sh('rm -f -- "$1"', part)

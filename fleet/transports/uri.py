@@ -31,6 +31,9 @@ class DeviceUri:
 
 
 def parse_uri(uri: str) -> DeviceUri:
+    if any(ord(c) < 0x20 or c == "\x7f" for c in uri):
+        # urlsplit silently drops tabs and newlines: "local://a\n?.." would pass as "a"
+        raise errors.MalformedUriError(f"control character in URI {uri!r}", uri=uri)
     if "://" not in uri:
         raise errors.MalformedUriError(
             f"not a device URI: {uri!r} (expected scheme://..., e.g. ssh://user@host:22)",
@@ -52,7 +55,7 @@ def parse_uri(uri: str) -> DeviceUri:
         port = None
     else:
         host = parts.hostname or ""
-    if not host or not _NAME.match(host):
+    if not host or not _NAME.fullmatch(host):
         raise errors.MalformedUriError(f"URI {uri!r} has no valid device/host part", uri=uri)
     if scheme == "ssh" and not parts.username:
         raise errors.MalformedUriError(f"ssh URI needs a user: ssh://user@{host}", uri=uri)

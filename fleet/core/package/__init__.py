@@ -1,9 +1,10 @@
 """The ``.fpkg`` package format: the half both sides need.
 
-Read, verify and decrypt (what a device does), plus the symmetric halves that share their
-constants with it (the STREAM chunk construction, the key wrap KDF, the canonical JSON and
-the rollback-order form). Building and signing packages is the controller's job
-(:mod:`fleet.artifacts`). Format and threats: ``docs/package-format.md``.
+Read, verify and decrypt (what a device does), the root of trust (:mod:`.trust`), plus
+the symmetric halves that share their constants with it (the STREAM chunk construction,
+the key wrap KDF, the canonical JSON and the rollback-order form). Building and signing
+packages is the controller's job (:mod:`fleet.artifacts`). Format and threats:
+``docs/package-format.md``.
 
 Pure functions over bytes and state, apart from the file read in :func:`decrypt_package`.
 """
@@ -33,6 +34,15 @@ from fleet.core.package.payload import (
     open_header,
 )
 from fleet.core.package.recipients import Recipient, unwrap_data_key, wrap_data_key
+from fleet.core.package.trust import (
+    ClockReading,
+    KeyRing,
+    apply_root_chain,
+    check_freshness,
+    online_keys,
+    parse_root,
+    verify_root_update,
+)
 from fleet.core.package.verify import (
     ModelState,
     RollbackAllowance,
@@ -44,8 +54,10 @@ from fleet.core.package.verify import (
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAGIC",
+    "ClockReading",
     "FileEntry",
     "Header",
+    "KeyRing",
     "Limits",
     "Manifest",
     "ModelState",
@@ -55,7 +67,9 @@ __all__ = [
     "RollbackAllowance",
     "RollbackOrder",
     "WrappedKey",
+    "apply_root_chain",
     "check_base_binding",
+    "check_freshness",
     "check_version",
     "decrypt_chunks",
     "decrypt_package",
@@ -64,12 +78,15 @@ __all__ = [
     "fingerprint_der",
     "fingerprint_public_key",
     "load_trusted_public_key",
+    "online_keys",
     "open_header",
     "parse_header",
+    "parse_root",
     "payload_length",
     "read_header_bytes",
     "unwrap_data_key",
     "verify_manifest",
     "verify_rollback_order",
+    "verify_root_update",
     "wrap_data_key",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,20 @@ MANIFEST_TYPE = "fleet.package/1"
 CIPHER = "AES-256-GCM-CHUNKED/1"
 KEY_WRAP = "ECDH-P256+HKDF-SHA256+AES-KW/1"
 KINDS = ("model", "lora")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: A model name (docs/package-format.md, "Model names"): a Unicode letter or digit, then
+#: letters, digits, ``.``, ``_``, ``-`` and the combining marks of the listed blocks
+#: (diacritics; Hebrew, Arabic, Indic, Thai/Lao, Tibetan, Myanmar, Khmer and kana marks);
+#: 64 characters; checked with ``re.fullmatch`` (``$`` would let a trailing newline in),
+#: with NFC and at most 192 UTF-8 bytes on top (``valid_name``).
+_NAME_MARKS = ("\u0300-\u036f\u0483-\u0489\u0591-\u05c7\u0610-\u061a\u064b-\u065f"
+               "\u0670\u06d6-\u06ed\u0900-\u0dff\u0e00-\u0eff\u0f00-\u0fff"
+               "\u1000-\u109f\u1780-\u17ff\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff"
+               "\u302a-\u302f\u3099\u309a\ufe20-\ufe2f")
+_NAME = re.compile(rf"[^\W_][\w.\-{_NAME_MARKS}]{{0,63}}")
+_NAME_MAX_BYTES = 192
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _FP = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -48,7 +60,7 @@ def _int(d: dict[str, Any], key: str, lo: int = 0) -> int:
 
 def _str(d: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
     v = d.get(key)
-    _want(isinstance(v, str) and (pattern is None or bool(pattern.match(v))),
+    _want(isinstance(v, str) and (pattern is None or bool(pattern.fullmatch(v))),
           f"{key} is missing or malformed", field=key)
     return str(v)
 
@@ -98,6 +110,9 @@ class Manifest:
     mnn: dict[str, Any] | None = None
     golden: str | None = None
     base: dict[str, Any] | None = None
+    #: ``YYYY-MM-DDTHH:MM:SSZ``; None only in manifests signed before expiry existed
+    #: (they still parse, so stored packages open, but a device never stages one)
+    expires: str | None = None
 
     @property
     def chunks(self) -> int:
@@ -121,6 +136,7 @@ class Manifest:
             "files": [f.to_dict() for f in self.files], "entry": self.entry,
             "mnn": self.mnn, "golden": self.golden, "base": self.base,
             "signer": self.signer, "key_wrap": KEY_WRAP,
+            **({"expires": self.expires} if self.expires is not None else {}),
         }
 
     def content_digest(self) -> bytes:
@@ -163,16 +179,23 @@ class Manifest:
         _want(isinstance(recips, dict) and len(recips) > 0, "no recipients")
         recipients: dict[str, WrappedKey] = {}
         for fp, w in recips.items():
-            _want(bool(_FP.match(fp)) and isinstance(w, dict)
+            _want(bool(_FP.fullmatch(fp)) and isinstance(w, dict)
                   and isinstance(w.get("epk"), str) and isinstance(w.get("wrapped_key"), str)
                   and set(w) == {"epk", "wrapped_key"}, "malformed recipient", recipient=fp)
             recipients[fp] = WrappedKey(epk=w["epk"], wrapped_key=w["wrapped_key"])
+        _want(cls.valid_name(d.get("name")), "name is missing or malformed",
+              field="name")
+        expires = d.get("expires")
+        _want("expires" not in d or (isinstance(expires, str)
+                                     and _TIME.fullmatch(expires) is not None),
+              "expires must be YYYY-MM-DDTHH:MM:SSZ", field="expires")
         m = cls(package_id=_str(d, "id", re.compile(r"^[0-9a-f]{32}$")),
-                name=_str(d, "name", _NAME), kind=kind, version=_int(d, "version", 1),
+                name=_str(d, "name"), kind=kind, version=_int(d, "version", 1),
                 sequence=_int(d, "sequence"), created=_str(d, "created"), size=size,
                 sha256=_str(payload, "sha256", _HEX64), chunk_size=chunk_size,
                 files=files, entry=entry, signer=_str(d, "signer", _FP),
-                recipients=recipients, mnn=d.get("mnn"), golden=golden, base=d.get("base"))
+                recipients=recipients, mnn=d.get("mnn"), golden=golden, base=d.get("base"),
+                expires=expires)
         _want(m.to_dict() == d, "unknown or extra fields")
         return m
 
@@ -199,5 +222,8 @@ class Manifest:
         return tuple(out)
 
     @staticmethod
-    def valid_name(name: str) -> bool:
-        return bool(_NAME.match(name))
+    def valid_name(name: object) -> bool:
+        """A name safe as a device directory name and one-to-one with what people type."""
+        return (isinstance(name, str) and _NAME.fullmatch(name) is not None
+                and unicodedata.is_normalized("NFC", name)
+                and len(name.encode("utf-8")) <= _NAME_MAX_BYTES)

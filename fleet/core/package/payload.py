@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleet.core import errors
 from fleet.core.package.chunks import decrypt_chunks, payload_length
@@ -22,7 +22,12 @@ from fleet.core.package.layout import parse_header, read_header_bytes
 from fleet.core.package.limits import Limits
 from fleet.core.package.manifest import Manifest
 from fleet.core.package.recipients import unwrap_data_key
-from fleet.core.package.verify import ModelState, RollbackAllowance, verify_manifest
+from fleet.core.package.verify import (
+    ModelState,
+    RollbackAllowance,
+    Signers,
+    verify_manifest,
+)
 
 __all__ = ["OpenedHeader", "PayloadChecker", "decrypt_package", "open_header"]
 
@@ -83,7 +88,7 @@ class OpenedHeader:
     raw: bytes  # the verified header bytes, exactly as read
 
 
-def open_header(f: BinaryIO, trusted_signer: ed25519.Ed25519PublicKey,
+def open_header(f: BinaryIO, trusted_signer: Signers,
                 device_key: ec.EllipticCurvePrivateKey | None, *,
                 device_fingerprint: str | None = None,
                 installed_state: Mapping[str, ModelState] | None = None,
@@ -106,7 +111,7 @@ def open_header(f: BinaryIO, trusted_signer: ed25519.Ed25519PublicKey,
     return OpenedHeader(m, header.header_digest, header.payload_offset, key, raw)
 
 
-def decrypt_package(path: str | os.PathLike[str], trusted_signer: ed25519.Ed25519PublicKey,
+def decrypt_package(path: str | os.PathLike[str], trusted_signer: Signers,
                     device_key: ec.EllipticCurvePrivateKey, *,
                     installed_state: Mapping[str, ModelState] | None = None,
                     write: WriteFn | None = None,

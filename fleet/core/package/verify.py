@@ -6,7 +6,8 @@ lists the threats). Order of checks in :func:`verify_manifest`, and why:
 
 1. layout and size caps (FormatError, SizeLimitError): before anything is parsed further;
 2. a signature is present (UnsignedError);
-3. the manifest names the trusted signer (UntrustedSignerError): another key signed it;
+3. the manifest names a trusted signer (UntrustedSignerError): another key signed it, or
+   a key the device's root of trust no longer lists (revoked, :mod:`.trust`);
 4. the Ed25519 signature verifies (BadSignatureError): the trusted key signed *something*,
    and these bytes are not it, i.e. they were edited after signing;
 5. the manifest is well formed (FormatError) and within limits (SizeLimitError);
@@ -30,8 +31,17 @@ from fleet.core.package.layout import Header, parse_header
 from fleet.core.package.limits import Limits
 from fleet.core.package.manifest import Manifest
 
-__all__ = ["ModelState", "RollbackAllowance", "check_base_binding", "check_limits",
-           "check_signature", "check_version", "verify_manifest"]
+__all__ = ["ModelState", "RollbackAllowance", "Signers", "check_base_binding",
+           "check_limits", "check_signature", "check_version", "verify_manifest"]
+
+#: who may sign: one pinned key, or the online keys of the device's root (a KeyRing)
+Signers = ed25519.Ed25519PublicKey | Mapping[str, ed25519.Ed25519PublicKey]
+
+
+def _ring(signers: Signers) -> Mapping[str, ed25519.Ed25519PublicKey]:
+    if isinstance(signers, ed25519.Ed25519PublicKey):
+        return {fingerprint_public_key(signers): signers}
+    return signers
 
 
 @dataclass(frozen=True)
@@ -57,28 +67,33 @@ class RollbackAllowance:
 
 
 def check_signature(manifest_bytes: bytes, sig_alg: int, signature: bytes,
-                    trusted_signer: ed25519.Ed25519PublicKey, what: str = "manifest"
-                    ) -> dict[str, Any]:
+                    trusted_signer: Signers, what: str = "manifest") -> dict[str, Any]:
     """Steps 2-4 above; returns the parsed (canonical) JSON object."""
+    ring = _ring(trusted_signer)
     if sig_alg == 0 or not signature:
         raise errors.UnsignedError(f"{what} is not signed")
     try:
         doc = parse_canonical(manifest_bytes, what)
     except errors.FormatError as exc:
         # Bytes that do not even parse cannot tell us their signer; they were altered.
-        try:
-            trusted_signer.verify(signature, manifest_bytes)
-        except InvalidSignature:
-            raise errors.BadSignatureError(f"{what} does not match its signature") from exc
-        raise
-    trusted_fp = fingerprint_public_key(trusted_signer)
+        for key in ring.values():
+            try:
+                key.verify(signature, manifest_bytes)
+            except InvalidSignature:
+                continue
+            raise exc from None  # a trusted key signed these bytes: they are just malformed
+        raise errors.BadSignatureError(f"{what} does not match its signature") from exc
     signer = doc.get("signer") if isinstance(doc, dict) else None
-    if signer != trusted_fp:
+    found = ring.get(signer) if isinstance(signer, str) else None
+    if found is None:
+        trusted = ", ".join(sorted(ring)) or "(no key)"
+        version = getattr(ring, "version", None)
         raise errors.UntrustedSignerError(
-            f"{what} is signed by {signer}, this device trusts {trusted_fp}",
-            signer=signer, trusted=trusted_fp)
+            f"{what} is signed by {signer}, this device trusts {trusted}"
+            + (f" (root v{version})" if version is not None else ""),
+            signer=signer, trusted=trusted, root_version=version)
     try:
-        trusted_signer.verify(signature, manifest_bytes)
+        found.verify(signature, manifest_bytes)
     except InvalidSignature as exc:
         raise errors.BadSignatureError(
             f"{what} signature does not verify: changed after signing, or signed by a key "
@@ -147,7 +162,7 @@ def check_base_binding(m: Manifest, installed_base: Manifest | None) -> None:
             f"v{installed_base.version}", reason="digest_mismatch", mismatches=mismatches)
 
 
-def verify_manifest(header_bytes: bytes, trusted_signer: ed25519.Ed25519PublicKey,
+def verify_manifest(header_bytes: bytes, trusted_signer: Signers,
                     device_fingerprint: str | None,
                     installed_state: Mapping[str, ModelState] | None,
                     *, limits: Limits | None = None,
