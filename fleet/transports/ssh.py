@@ -412,14 +412,18 @@ class SshTransport(Transport):
                 uri=self.uri, path=parent)
         lines = res.stdout.decode(errors="replace").splitlines()
         offset, hasher = 0, hashlib.sha256()
+        stale = False
         for line in lines:
             if line.startswith("part "):
                 _, psize, phash = line.split()
                 n = int(psize)
+                stale = True
                 if 0 < n <= size:
                     prefix = _prefix_sha256(local, n)
                     if prefix.hexdigest() == phash:
-                        offset, hasher = n, prefix
+                        offset, hasher, stale = n, prefix, False
+        if stale:  # a partial file that is not a prefix of ours: start over (O_EXCL below)
+            self._sh('rm -f -- "$1"', part)
         avail_kb = None
         df = [ln for ln in lines if not ln.startswith("part ")]
         if df:
