@@ -127,6 +127,25 @@ def test_connections_past_the_cap_are_refused(served: dict[str, Any]) -> None:
             c.close()
 
 
+def test_a_refused_client_still_writing_gets_the_error_not_a_broken_pipe(
+        served: dict[str, Any]) -> None:
+    held = [ServeClient(served["sock"], timeout=5) for _ in range(LIMITS["max_connections"])]
+    try:
+        for c in held:
+            assert c.request({"op": "ping"})["ok"]
+        extra = socket.socket(socket.AF_UNIX)
+        extra.settimeout(5)
+        extra.connect(str(served["sock"]))
+        reader = extra.makefile("rb")
+        assert json.loads(reader.readline())["error"]["code"] == "request_limit"
+        extra.sendall(b'{"op": "ping"}\n')  # the daemon stopped sending, not reading
+        assert reader.read() == b""  # then EOF: nothing more is served on it
+        extra.close()
+    finally:
+        for c in held:
+            c.close()
+
+
 def test_idle_connections_are_closed(served: dict[str, Any]) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -52,6 +53,8 @@ MAX_NEW_TOKENS = 1024
 _HISTORY = 10
 #: accept() errors that mean "out of descriptors or memory": back off, do not spin
 _ACCEPT_BACKOFF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: seconds a refused connection stays half-closed before it is closed (lingering close)
+_LINGER_S = 2.0
 #: Native log lines that mean ``create_lora`` failed (the object it returns would crash).
 _LORA_FAILED = ("Load Lora error", "Load module failed", "model file not found")
 
@@ -504,8 +507,9 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """The daemon's socket: one thread per connection, at most ``limits.max_connections``
-    at once (the next is answered ``request_limit`` and closed), each closed after
-    ``limits.idle_timeout_s`` without a request; out of file descriptors, the accept loop
+    at once (the next is answered ``request_limit`` and closed after a short linger), each
+    closed after ``limits.idle_timeout_s`` without a request; out of file descriptors, the
+    accept loop
     backs off instead of spinning."""
 
     daemon_threads = True
@@ -517,6 +521,9 @@ class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.max_connections)
         self._backoff = 0.0
+        self._linger_lock = threading.Lock()
+        self._lingering: list[tuple[float, Any]] = []
+        self._reaper: threading.Thread | None = None
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if path.exists() or path.is_symlink():
             _refuse_if_live(path)
@@ -549,13 +556,41 @@ class ServeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 request.send(encode(error_doc(errors.RequestLimitError(
                     f"too many connections (at most {self.limits.max_connections})",
                     limit=self.limits.max_connections))))
-            self.shutdown_request(request)
+            self._linger(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
             raise
+
+    def _linger(self, request: Any) -> None:
+        """Close a refused connection gently (a *lingering close*, as HTTP servers do): stop
+        sending now, close it a moment later, so a client still writing its request gets
+        the error line and EOF instead of a broken pipe. One reaper thread, at most
+        ``max_connections`` sockets lingering (the oldest is closed at once past that)."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+        with self._linger_lock:
+            self._lingering.append((time.monotonic() + _LINGER_S, request))
+            while len(self._lingering) > self.limits.max_connections:
+                self.shutdown_request(self._lingering.pop(0)[1])
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(target=self._reap, name="serve-linger",
+                                                daemon=True)
+                self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            with self._linger_lock:
+                now = time.monotonic()
+                while self._lingering and self._lingering[0][0] <= now:
+                    self.shutdown_request(self._lingering.pop(0)[1])
+                if not self._lingering:
+                    self._reaper = None
+                    return
+                wait = self._lingering[0][0] - now
+            time.sleep(min(wait, _LINGER_S))
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
