@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary controller home with an initialised registry."""
+"""Shared fixtures: a temporary controller home with an initialised registry; a signing key
+and an agent device root (tests/package_kit.py) for the package and store tests."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fleet.home import FleetHome
 from fleet.registry import Registry
+from tests.package_kit import Device, make_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,3 +54,15 @@ def local_uri(tmp_path: Path, name: str) -> str:
 
 
 os.environ.setdefault("NO_COLOR", "1")
+
+
+@pytest.fixture
+def signer() -> ed25519.Ed25519PrivateKey:
+    """A controller signing key (Ed25519), fresh per test."""
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def dev(tmp_path: Path, signer: ed25519.Ed25519PrivateKey) -> Device:
+    """An agent device root under ``tmp_path/dev`` that trusts ``signer``."""
+    return make_device(tmp_path / "dev", signer)

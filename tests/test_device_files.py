@@ -15,17 +15,7 @@ from fleet_agent.context import AgentContext, check_dir
 
 from fleet.core import errors
 from fleet.transports.local import LocalTransport
-from tests.package_kit import Device, make_device, make_package
-
-
-@pytest.fixture
-def signer() -> ed25519.Ed25519PrivateKey:
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def dev(tmp_path: Path, signer: ed25519.Ed25519PrivateKey) -> Device:
-    return make_device(tmp_path / "dev", signer)
+from tests.package_kit import Device, make_package
 
 
 def _dirs(root: Path) -> dict[str, int]:

@@ -19,7 +19,7 @@ from fleet.core import errors
 from fleet.core.fsutil import sha256_file
 from fleet.transports.base import TransferResult, TransportOptions
 from fleet.transports.local import LocalTransport
-from tests.package_kit import Device, make_device, make_package
+from tests.package_kit import Device, make_package
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -33,16 +33,6 @@ with root_lock(AgentContext(Path(sys.argv[1]))):
     print("held", flush=True)
     sys.stdin.read()
 """
-
-
-@pytest.fixture
-def signer() -> ed25519.Ed25519PrivateKey:
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def dev(tmp_path: Path, signer: ed25519.Ed25519PrivateKey) -> Device:
-    return make_device(tmp_path / "dev", signer)
 
 
 def _holder(dev: Device) -> subprocess.Popen[str]:

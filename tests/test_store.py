@@ -29,16 +29,6 @@ from tests.package_kit import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def signer() -> ed25519.Ed25519PrivateKey:
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def dev(tmp_path: Path, signer: ed25519.Ed25519PrivateKey) -> Device:
-    return make_device(tmp_path / "dev", signer)
-
-
 def _all_bytes_under(root: Path) -> list[bytes]:
     return [p.read_bytes() for p in root.rglob("*") if p.is_file()]
 

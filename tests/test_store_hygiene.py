@@ -21,16 +21,6 @@ from fleet.core.package.orders import sign_rollback_order
 from tests.package_kit import Device, make_device, make_package
 
 
-@pytest.fixture
-def signer() -> ed25519.Ed25519PrivateKey:
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def dev(tmp_path: Path, signer: ed25519.Ed25519PrivateKey) -> Device:
-    return make_device(tmp_path / "dev", signer)
-
-
 def _deploy(tmp: Path, signer: ed25519.Ed25519PrivateKey, dev: Device, *versions: int
             ) -> None:
     st = dev.store()
