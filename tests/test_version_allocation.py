@@ -233,7 +233,9 @@ def test_two_concurrent_deploys_of_one_name_never_share_a_version(
     versions = []
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert "Traceback" not in err, err
-        assert p.returncode in (0, 6, 17, 20), (p.returncode, err)  # ok, refused, plan
+        # ok; duplicate refused (6); the device refused the older build (15: its one
+        # device failed that way, so the exit code says so); plan refused (17); partial (20)
+        assert p.returncode in (0, 6, 15, 17, 20), (p.returncode, err)
         said = re.search(r"\bm@(\d+)", err)  # "packaging m@N" / "deploying m@N"
         versions.append(int(said.group(1)) if said else None)
     assert _digests_per_version(home, "artifact_versions") and \
