@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "device": (("fleet.cli.cmd_device", "fleet.cli.cmd_bootstrap"),
                "Devices: register, list, inspect, remove, bootstrap."),
     "group": (("fleet.cli.cmd_group",), "Groups of devices."),
-    "keys": (("fleet.cli.cmd_keys",), "The controller's signing key."),
+    "keys": (("fleet.cli.cmd_keys",),
+             "Keys: the root of trust, online signing keys, rotation and revocation."),
     "package": (("fleet.cli.cmd_package",),
                 "Build a signed, encrypted package for devices without sending it."),
     "deploy": (("fleet.cli.cmd_deploy",),
@@ -109,7 +110,10 @@ def _click_command_for(name: str) -> Any:
     raise errors.FleetError(f"internal: command {name!r} is listed but not defined")
 
 
+# Plain (click) help: typer's Rich help pulls in rich.markdown and friends, a third of a
+# cold `fleet --help` (bench/bench_cli.py); plain help also pipes cleanly.
 app = typer.Typer(name="fleet", cls=_FleetGroup, no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Deploy MNN models to a fleet of phones and boards, and audit them.",
                   pretty_exceptions_enable=False)

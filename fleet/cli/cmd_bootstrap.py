@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fleet.bootstrap import BootstrapResult, bootstrap, build_wheelhouse, wheelhouse_from_dir
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, err
 from fleet.cli.cmd_device import device_app
-from fleet.connect import device_session
 from fleet.registry import Device, Registry
-from fleet.rollout.fanout import TaskContext, call_each
+
+if TYPE_CHECKING:  # imported when the command runs: `fleet device list` must stay light
+    from fleet.bootstrap import BootstrapResult
+    from fleet.rollout.fanout import TaskContext
 
 
 @device_app.command("bootstrap")
@@ -37,6 +38,10 @@ def bootstrap_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Build (once) and push a wheelhouse, make a venv on the device, install, check."""
+    from fleet.bootstrap import bootstrap, build_wheelhouse, wheelhouse_from_dir
+    from fleet.connect import device_session
+    from fleet.rollout.fanout import call_each
+
     home = state().home
     reg = Registry.open(home)
     dev = reg.get_device(name)

@@ -16,10 +16,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from fleet.core import errors
-from fleet.core.mailbox import MailboxCredentials
+
+if TYPE_CHECKING:  # the mailbox pulls in the package crypto: only transports that use it
+    from fleet.core.mailbox import MailboxCredentials
 
 __all__ = [
     "CommandResult",
