@@ -122,3 +122,12 @@ def test_redeploy_of_an_unchanged_onnx_sends_nothing(run_fleet, home: FleetHome,
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert (doc["name"], doc["version"], doc["reused"]) == ("tiny", 1, True)
+
+
+def test_an_input_shape_naming_no_input_is_refused_even_with_a_golden_file(
+        tmp_path: Path) -> None:
+    src = make_tiny_mnn(tmp_path / "m.mnn")
+    sibling = REPO / "models" / "tiny" / "tiny.golden.npz"
+    shutil.copyfile(sibling, tmp_path / "m.golden.npz")  # a golden file beside the model
+    with pytest.raises(errors.UsageError, match="nosuch"):
+        prepare(src, PrepareOptions(work_dir=tmp_path, input_shapes={"nosuch": (1, 3)}))

@@ -149,6 +149,12 @@ def _mnn(source: Path, name: str, variant: str | None, options: PrepareOptions
     if golden is None and os.path.lexists(sibling):
         golden = sources.reference_file(sibling, "golden file")
         options.say(f"using golden reference {sibling.name}")
+    if golden is not None and options.input_shapes:
+        # the golden file's inputs are what the device is fed; the shapes given must still
+        # name this model's inputs and fit them (UsageError, exit 2), never pass unread
+        from fleet.artifacts.reference import resolve_input_shapes
+
+        resolve_input_shapes(source, options.input_shapes)
     if golden is None and (options.inputs is not None or options.input_shapes):
         from fleet.artifacts.inputs import load_inputs_npz
         from fleet.artifacts.reference import make_golden
