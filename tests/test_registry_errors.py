@@ -22,7 +22,12 @@ from fleet.core import errors
 from fleet.registry.faults import os_error_for, registry_error_for
 from tests.conftest import REPO
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (needs root)")
+needs_root = pytest.mark.usefixtures("_as_root")
+
+
+@pytest.fixture
+def _as_root() -> None:
+    assert os.geteuid() == 0, "mounts a tmpfs: needs root (make test runs as root)"
 
 
 def fleet(home: Path, *args: str, env: dict[str, str] | None = None
