@@ -5,15 +5,8 @@ cannot load is ``InvalidModelError``) and returns the facts that go into a manif
 version, bizCode, inputs and outputs (name, shape, dtype, layout, from
 ``MNN.expr.load_as_dict``), and the weight storage.
 
-pymnn does not tell the weight-quantization bits, so they are read from the model's
-flatbuffer (schema ``MNN.fbs``/``CaffeOp.fbs``): for each Convolution2D / InnerProduct op
-with an ``IDSTQuan`` parameter, ``type`` 3 is fp16 storage, and for quantized weights
-the bits come from the value-table size at the head of ``buffer`` (byte after the shape:
-N distinct values, 0 meaning 256, bits = ceil(log2 N)); MNN >= 3 also writes the bits to
-``aMax``, which is used when the buffer is external (MNN-LLM ``llm.mnn.weight``). A
-block size is reported when ``readType`` (number of scale groups) exceeds the output
-channels: block = input channels x kernel area / (readType / output channels). The
-parser only reads files that MNN has already loaded (and so verified).
+The weight storage (fp16, quantization bits, block size) is read from the flatbuffer by
+:func:`fleet.core.mnn.weights.inspect_weights` (pymnn does not tell it).
 
 Loading runs in a child process (:func:`fleet.artifacts.isolate.run_isolated`): MNN can
 crash natively on a legal model, and its prints (banner, ``getshape: unable to get variable

@@ -78,3 +78,18 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for r in rows:
         t.add_row(*[_cell(v) for v in r])
     return t
+
+
+def confirm(what: str, yes: bool) -> None:
+    """Ask "WHAT?" on a terminal unless ``yes``; without a terminal, refuse (UsageError,
+    exit 2) and say to pass ``--yes``. A "no" exits 1."""
+    import typer
+
+    from fleet.core import errors
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise errors.UsageError(f"{what}: pass --yes to confirm (no terminal to ask on)")
+    if not typer.confirm(f"{what}?"):
+        raise typer.Exit(1)

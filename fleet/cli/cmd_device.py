@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from fleet.cli._ctx import state
-from fleet.cli._output import emit, emit_ndjson, err, literal, table
+from fleet.cli._output import confirm, emit, emit_ndjson, err, literal, table
 from fleet.cli.app import app
 from fleet.core import errors
 from fleet.registry import Device, Registry
@@ -152,17 +152,6 @@ def rm(name: str, as_json: JsonOpt = False) -> None:
     err.print(f"[dim]the device keeps its store; nothing was sent to {name}[/]")
 
 
-def _confirm(what: str, yes: bool) -> None:
-    import sys
-
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise errors.UsageError(f"{what}: pass --yes to confirm (no terminal to ask on)")
-    if not typer.confirm(f"{what}?"):
-        raise typer.Exit(1)
-
-
 @device_app.command("revoke")
 def revoke(name: str, yes: Annotated[bool, typer.Option("--yes", "-y")] = False,
            as_json: JsonOpt = False) -> None:
@@ -172,7 +161,7 @@ def revoke(name: str, yes: Annotated[bool, typer.Option("--yes", "-y")] = False,
 
     reg = Registry.open(state().home)
     dev = reg.get_device(name)
-    _confirm(f"revoke device {name} ({dev.fingerprint})", yes)
+    confirm(f"revoke device {name} ({dev.fingerprint})", yes)
     reg.update_device(name, revoked_at=utcnow())
     emit({"name": name, "revoked": True, "fingerprint": dev.fingerprint}, as_json=as_json,
          render=lambda c: c.print(f"device {literal(name)} revoked", highlight=False))
@@ -189,7 +178,7 @@ def rekey(name: str, yes: Annotated[bool, typer.Option("--yes", "-y")] = False,
     home = state().home
     reg = Registry.open(home)
     dev = reg.get_device(name)
-    _confirm(f"replace the key of {name} ({dev.fingerprint})", yes)
+    confirm(f"replace the key of {name} ({dev.fingerprint})", yes)
     with device_session(home, dev) as agent:
         res = agent.rekey()
     reg.update_device(name, public_key=res.public_key, fingerprint=res.fingerprint,

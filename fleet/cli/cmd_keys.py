@@ -7,7 +7,6 @@ Files (``fleet.artifacts.trust``): ``keys/root_key.pem`` (offline root key, 0600
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Annotated, Any
 
 import typer
@@ -18,7 +17,7 @@ from sqlmodel import select
 from fleet.artifacts.keys import SigningKeyInfo, key_info, load_signing_key
 from fleet.artifacts.trust import init_trust, revoke_key, rotate_key, trust_status
 from fleet.cli._ctx import state
-from fleet.cli._output import emit, table
+from fleet.cli._output import confirm, emit, table
 from fleet.cli.app import app
 from fleet.core import errors
 from fleet.home import FleetHome
@@ -58,15 +57,6 @@ def _record_public(home: FleetHome, info: SigningKeyInfo) -> bool:
     return True
 
 
-def _confirm(what: str, yes: bool) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise errors.UsageError(f"{what}: pass --yes to confirm (no terminal to ask on)")
-    if not typer.confirm(f"{what}?"):
-        raise typer.Exit(1)
-
-
 def _key_data(home: FleetHome) -> dict[str, Any]:
     data = dataclasses.asdict(key_info(home.signing_key, load_signing_key(home)))
     st = trust_status(home, None)
@@ -96,7 +86,7 @@ def init(force: Annotated[bool, typer.Option(
     A home with a signing key but no root keeps the key (root v1 lists it)."""
     home = state().home
     if force:
-        _confirm("replace the root of trust (every enrolled device will refuse this "
+        confirm("replace the root of trust (every enrolled device will refuse this "
                  "controller)", yes)
     init_trust(home, force=force)
     data = _key_data(home)
@@ -117,7 +107,7 @@ def rotate(yes: YesOpt = False, as_json: JsonOpt = False) -> None:
     """New online signing key; root vN+1 (signed by the root key) lists it and keeps the
     old key as retiring. Devices get the new root with the next deploy or enroll."""
     home = state().home
-    _confirm("rotate the online signing key", yes)
+    confirm("rotate the online signing key", yes)
     reg = _registry(home)
     data = rotate_key(home, reg)
     _record_public(home, key_info(home.signing_key, load_signing_key(home)))
@@ -131,7 +121,7 @@ def revoke(fingerprint: str, yes: YesOpt = False, as_json: JsonOpt = False) -> N
     """Root vN+1 without FINGERPRINT (as `fleet keys show` prints it): devices refuse what
     it signs once they have that root (next deploy or enroll)."""
     home = state().home
-    _confirm(f"revoke {fingerprint}", yes)
+    confirm(f"revoke {fingerprint}", yes)
     data = revoke_key(home, fingerprint)
     emit(data, as_json=as_json, render=lambda c: c.print(
         f"{fingerprint} revoked from root v{data['root_version']}"
