@@ -10,10 +10,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 APT_PACKAGES := build-essential cmake git pkg-config \
 	iproute2 nftables openssh-server openssh-client \
 	adb bubblewrap libimobiledevice-utils usbmuxd \
-	pocl-opencl-icd ocl-icd-libopencl1 clinfo mesa-vulkan-drivers libvulkan1 vulkan-tools
+	pocl-opencl-icd ocl-icd-libopencl1 clinfo mesa-vulkan-drivers libvulkan1 vulkan-tools \
+	postgresql redis-server \
+	chromium chromium-driver \
+	qemu-user-static debootstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
 
 .PHONY: all setup apt venv native demo test lint typecheck bench bench-crypto bench-ssh \
-	bench-lora bench-cli llm-venv clean
+	bench-lora bench-cli bench-package bench-dispatch bench-registry llm-venv clean \
+	report-screenshot
 
 all: test
 
@@ -92,7 +96,21 @@ bench-lora: setup llm-venv
 bench-cli: setup
 	$(PY) bench/bench_cli.py
 
-bench: bench-crypto bench-ssh bench-lora bench-cli
+bench-package: setup
+	$(PY) bench/bench_package_scale.py
+
+bench-dispatch: setup
+	$(PY) bench/bench_dispatch.py
+
+bench-registry: setup
+	$(PY) bench/bench_registry.py
+
+bench: bench-crypto bench-ssh bench-lora bench-cli bench-package bench-dispatch bench-registry
+
+# README's picture of `fleet report --html`: the report test's page, as headless Chromium drew it
+report-screenshot: setup
+	FLEET_REPORT_SCREENSHOT=docs/img/report.png $(PY) -m pytest -q tests/test_fleet_report.py \
+	  -k html_report_renders
 
 clean:
 	rm -rf build .stamp-* .pytest_cache .mypy_cache .ruff_cache

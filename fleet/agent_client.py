@@ -9,6 +9,7 @@ has; an error document becomes the :mod:`fleet.core.errors` class its code names
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,10 +158,14 @@ class AgentClient:
     def probe(self, *, timeout: float = 120.0) -> dict[str, Any]:
         return dict(self.call("probe", timeout=timeout).get("probe") or {})
 
-    def stage(self, path: str, *, timeout: float = 120.0) -> StageResult:
-        """Verify and store the pushed package at ``path`` (a device path)."""
-        return StageResult.from_doc(self.call("stage", {"path": path, **self._trust_args()},
-                                              timeout=timeout))
+    def stage(self, path: str, *, envelope: bytes | None = None,
+              timeout: float = 120.0) -> StageResult:
+        """Verify and store the pushed package at ``path`` (a device path); ``envelope``
+        is the device's key envelope (format-2 packages, 181 bytes, sent base64)."""
+        args: dict[str, Any] = {"path": path, **self._trust_args()}
+        if envelope is not None:
+            args["envelope"] = base64.b64encode(envelope).decode("ascii")
+        return StageResult.from_doc(self.call("stage", args, timeout=timeout))
 
     def activate(self, name: str, version: int, *, warmup: int | None = None,
                  iterations: int | None = None, timeout: float = 600.0) -> ActivateResult:

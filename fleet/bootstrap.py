@@ -21,12 +21,18 @@ sit in):
   (its PEP 610 ``direct_url.json``), built natively.
 
 Dependencies: ``pip wheel`` of the installed distribution's runtime requirements (downloads
-once, or comes from pip's cache). The wheelhouse matches the controller's interpreter and
+once, or comes from pip's cache). That wheelhouse matches the controller's interpreter and
 machine (``cp311-x86_64`` here): the agent has native parts (MNN, numpy, cryptography, the
-runtime module). A board with another Python or architecture is refused with a clear error
-instead of a broken install. Cache layout: ``<cache>/deps-<tag>-<hash of the requirement
-list>/`` (slow to build: it downloads) and ``<cache>/project-<tag>-<key>/`` (key: the
-install's ``RECORD``, or the editable project's source paths, sizes and mtimes).
+runtime module). Cache layout: ``<cache>/deps-<tag>-<hash of the requirement list>/`` (slow
+to build: it downloads) and ``<cache>/project-<tag>-<key>/`` (key: the install's
+``RECORD``, or the editable project's source paths, sizes and mtimes).
+
+A board of another architecture (an aarch64 board from an x86-64 controller) is asked for
+its machine, CPython version and ABI, and glibc (:mod:`fleet.bootstrap_board`), and gets a
+wheelhouse made for exactly that (:func:`wheelhouse_for`, :mod:`fleet.bootstrap_cross`):
+only the agent's dependencies, downloaded as wheels for its platform, and the project's
+wheel with its native parts cross-compiled. The agent's dependencies are then installed by
+name and the project wheel without its (controller) requirements.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet._version import DIST_NAME, editable_project
+from fleet.bootstrap_board import BoardPlatform, ask_board
 from fleet.core import errors
 from fleet.core.filelock import exclusive
 from fleet.core.fsutil import sha256_file
@@ -59,7 +66,7 @@ from fleet.transports.base import Transport
 
 __all__ = ["BootstrapResult", "Wheelhouse", "bootstrap", "build_wheelhouse",
            "dependency_wheels", "python_tag", "remake_installed_wheel", "runtime_requirements",
-           "wheel_board_tag", "wheelhouse_from_dir"]
+           "wheel_board_tag", "wheelhouse_for", "wheelhouse_from_dir"]
 
 Log = Callable[[str], None]
 _PIP_ENV = "PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1"
@@ -82,6 +89,10 @@ class Wheelhouse:
     tag: str
     build_s: float  #: time spent building in this call (0 when fully cached)
     cached: bool
+    #: Requirements installed by name before the project wheel, which then goes in with
+    #: ``--no-deps`` (a cross-architecture wheelhouse holds the agent's dependencies only).
+    #: Empty: the project wheel brings its requirements from the wheelhouse itself.
+    requirements: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +105,7 @@ class BootstrapResult:
     bytes_sent: int
     agent_status: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    board: dict[str, Any] = field(default_factory=dict)  #: BoardPlatform.to_dict()
 
 
 def _distribution() -> metadata.Distribution:
@@ -334,6 +346,43 @@ def build_wheelhouse(cache_dir: Path, *, rebuild: bool = False, log: Log = lambd
                       build_s=0.0 if cached else time.monotonic() - start, cached=cached)
 
 
+def wheelhouse_for(cache_dir: Path, board: BoardPlatform, *, rebuild: bool = False,
+                   log: Log = lambda _: None) -> Wheelhouse:
+    """The wheelhouse for ``board``: :func:`build_wheelhouse` when it is this controller's
+    own platform, else the agent's dependencies for its platform and the project wheel
+    cross-built for it (:mod:`fleet.bootstrap_cross`), all cached under ``cache_dir``.
+
+    Raises :class:`NotFoundError` naming a dependency that has no wheel for the board,
+    :class:`UsageError` when the board's wheel cannot be made here (see
+    :func:`fleet.bootstrap_cross.cross_project_wheel`).
+    """
+    from fleet.bootstrap_cross import (
+        agent_requirements,
+        cross_project_wheel,
+        download_dependencies,
+        pure_project_wheel,
+    )
+
+    if board.tag == python_tag():
+        return build_wheelhouse(cache_dir, rebuild=rebuild, log=log)
+    dist = _distribution()
+    start = time.monotonic()
+    reqs = agent_requirements(runtime_requirements(dist), board)
+    with _locked(cache_dir):
+        before = {p.name for p in cache_dir.glob("deps-*")}
+        deps = download_dependencies(cache_dir, board, reqs, rebuild=rebuild, log=log)
+        deps_built = {p.name for p in cache_dir.glob("deps-*")} != before or rebuild
+        source = editable_project()
+        base, base_built = pure_project_wheel(
+            cache_dir, source, _source_key(source) if source else "", log=log)
+        project, built = cross_project_wheel(cache_dir, base, source, board,
+                                             rebuild=rebuild, log=log)
+    cached = not (deps_built or base_built or built)
+    return Wheelhouse(wheels=[*deps, project], project_wheel=project, tag=board.tag,
+                      build_s=0.0 if cached else time.monotonic() - start, cached=cached,
+                      requirements=reqs)
+
+
 def _remote(t: Transport, script: str, *args: str, timeout: float = 120.0,
             what: str = "command") -> str:
     res = t.run(["sh", "-c", script, "sh", *args], timeout=timeout)
@@ -346,19 +395,25 @@ def _remote(t: Transport, script: str, *args: str, timeout: float = 120.0,
 
 
 def bootstrap(t: Transport, device: str, house: Wheelhouse, *, venv: str, agent_root: str,
-              python: str = "python3", keep_wheels: bool = False, log: Log = lambda _: None
-              ) -> BootstrapResult:
-    """Install the agent from ``house`` into ``venv`` on the device behind ``t``."""
+              python: str = "python3", keep_wheels: bool = False, log: Log = lambda _: None,
+              board: BoardPlatform | None = None) -> BootstrapResult:
+    """Install the agent from ``house`` into ``venv`` on the device behind ``t``.
+
+    ``board``: what :func:`fleet.bootstrap_board.ask_board` found (asked here if None);
+    a wheelhouse for another platform is refused before anything is sent.
+    """
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    probe = _remote(t, '"$1" -c "import sys, platform; print(\'cp%d%d-%s\' % '
-                       '(sys.version_info[0], sys.version_info[1], platform.machine()))"',
-                    python, what=f"{python} probe").strip()
-    if probe != house.tag:
+    board = board or ask_board(t, python, device=device)
+    if board.tag != house.tag:
         raise errors.UsageError(
-            f"{device} runs {probe}, the wheelhouse is for {house.tag}; build the wheelhouse "
-            "on a controller with the board's Python and architecture", device=device,
-            board=probe, wheelhouse=house.tag)
+            f"{device} runs {board.describe()} ({board.tag}), the wheelhouse is for "
+            f"{house.tag}; let bootstrap make one for the board (no --wheelhouse), or pass "
+            "one built for it", device=device, board=board.tag, wheelhouse=house.tag)
+    # "~/x" (the default) is the login user's home on the board, spelled out once here:
+    # quoted in the scripts below it would be a folder named "~"
+    venv = _remote(t, 'case "$1" in "~"|"~/"*) printf "%s\\n" "$HOME${1#"~"}" ;; '
+                      '*) printf "%s\\n" "$1" ;; esac', venv, what="venv path").strip()
     wheel_dir = venv.rstrip("/") + ".wheels"
     have: dict[str, str] = {}
     listing = _remote(t, 'mkdir -p -- "$1" && cd -- "$1" && for f in *.whl; do '
@@ -377,14 +432,36 @@ def bootstrap(t: Transport, device: str, house: Wheelhouse, *, venv: str, agent_
     timings["push_s"] = time.monotonic() - t0
     log(f"{device}: {n_sent}/{len(house.wheels)} wheels sent ({sent / (1 << 20):.1f} MiB)")
     t1 = time.monotonic()
+    # A Python without ensurepip (Debian's python3 without python3-venv, many minimal
+    # images) still makes a venv --without-pip; pip then runs from the pushed pip wheel.
     venv_abs = _remote(
-        t, '[ -x "$1/bin/python" ] || "$2" -m venv -- "$1" || exit 1; cd -- "$1" && pwd -P',
-        venv, python, timeout=300, what="venv creation").strip()
+        t, '[ -x "$1/bin/python" ] || "$2" -m venv -- "$1" >/dev/null 2>&1 || '
+           '"$2" -m venv --without-pip -- "$1" >&2 || exit 1; cd -- "$1" && pwd -P',
+        venv, python, timeout=300, what="venv creation").strip().splitlines()[-1]
+    has_pip = _remote(t, '[ -x "$1/bin/pip" ] && echo yes || echo no', venv_abs,
+                      what="pip check").strip() == "yes"
+    pip_wheel = next((w for w in house.wheels if re.fullmatch(r"pip-[^-]+-py3-none-any\.whl",
+                                                                  w.name)), None)
+    if not has_pip and pip_wheel is None:
+        raise errors.UsageError(
+            f"{device}: {python} has no ensurepip (Debian: apt-get install python3-venv) and "
+            "the wheelhouse holds no pip wheel to install with", device=device)
+    pip_path = "" if has_pip else f"{wheel_dir}/{pip_wheel.name}"  # type: ignore[union-attr]
     project = f"{wheel_dir}/{house.project_wheel.name}"
-    pip = f"{venv_abs}/bin/pip"
-    _remote(t, f'{_PIP_ENV} "$1" install -q --no-index --find-links "$2" "$3" && '
-               f'{_PIP_ENV} "$1" install -q --no-index --no-deps --force-reinstall "$3"',
-            pip, wheel_dir, project, timeout=1200, what="pip install")
+    py = f"{venv_abs}/bin/python"
+    if house.requirements:  # the agent's dependencies by name, then the project alone;
+        # no bytecode now (an emulated or slow board compiles what it imports, once)
+        _remote(t, f'py="$1"; d="$3"; p="$4"; [ -n "$2" ] && export PYTHONPATH="$2"; '
+                   f'shift 4; {_PIP_ENV} "$py" -m pip install -q --no-compile --no-index '
+                   f'--find-links "$d" "$@" && {_PIP_ENV} "$py" -m pip install -q '
+                   '--no-compile --no-index --no-deps --force-reinstall "$p"',
+                py, pip_path, wheel_dir, project, *house.requirements, timeout=1800,
+                what="pip install")
+    else:
+        _remote(t, f'[ -n "$2" ] && export PYTHONPATH="$2"; {_PIP_ENV} "$1" -m pip install -q '
+                   f'--no-index --find-links "$3" "$4" && {_PIP_ENV} "$1" -m pip install -q '
+                   '--no-index --no-deps --force-reinstall "$4"',
+                py, pip_path, wheel_dir, project, timeout=1200, what="pip install")
     timings["install_s"] = time.monotonic() - t1
     if not keep_wheels:
         _remote(t, 'rm -rf -- "$1"', wheel_dir, what="cleanup")
@@ -400,4 +477,4 @@ def bootstrap(t: Transport, device: str, house: Wheelhouse, *, venv: str, agent_
     timings["total_s"] = time.monotonic() - t0
     return BootstrapResult(device=device, venv=venv_abs, agent_cmd=agent,
                            wheels=len(house.wheels), wheels_sent=n_sent, bytes_sent=sent,
-                           agent_status=doc, timings=timings)
+                           agent_status=doc, timings=timings, board=board.to_dict())

@@ -15,7 +15,8 @@ from fleet.agent_client import EnrollResult
 from fleet.connect import controller_public_pem, device_session
 from fleet.home import FleetHome
 from fleet.registry import Device, Registry
-from fleet.rollout.fanout import FleetResult, TaskContext, call_each
+from fleet.rollout.fanout import FleetResult, Remote, TaskContext, call_each
+from fleet.worker.dispatch import dispatcher_for
 
 __all__ = ["enroll", "enroll_many"]
 
@@ -35,7 +36,11 @@ def enroll(home: FleetHome, reg: Registry, device: Device, ctx: TaskContext | No
 
 def enroll_many(home: FleetHome, reg: Registry, devices: Sequence[Device], *,
                 workers: int = 8, deadline_s: float = 120.0) -> FleetResult[EnrollResult]:
-    """Enroll every device in parallel; one failure hides nothing (per-device outcomes)."""
-    return call_each(list(devices),
-                     lambda dev, ctx: enroll(home, reg, dev, ctx),
-                     workers=workers, deadline_s=deadline_s)
+    """Enroll every device in parallel; one failure hides nothing (per-device outcomes).
+    A device behind a farm host is enrolled by its worker (fleet.worker, kind ``enroll``)
+    when a broker is configured."""
+    devs = list(devices)
+    disp = dispatcher_for(home, reg) if any(d.via for d in devs) else None
+    return call_each(devs, lambda dev, ctx: enroll(home, reg, dev, ctx),
+                     workers=workers, deadline_s=deadline_s, dispatcher=disp,
+                     remote=Remote("enroll", decode=EnrollResult.from_doc))

@@ -1,12 +1,19 @@
 """The controller's home (``$FLEET_HOME``, default ``~/.fleet``) and what lives in it.
 
-Secrets (signing key, ssh key) live here as 0600 files, never in the registry."""
+Secrets (signing key, ssh key) live here as 0600 files, never in the registry. Where the
+registry is: ``--db``/``FLEET_DB`` (``db_override``), else ``registry.url`` in the home's
+``config.toml`` (:mod:`fleet.config`), else SQLite ``registry.db`` in the home."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.config import Config
 
 __all__ = ["FleetHome"]
 
@@ -22,9 +29,19 @@ class FleetHome:
         value = home or os.environ.get("FLEET_HOME") or Path.home() / ".fleet"
         return cls(Path(value).expanduser().resolve(), db or os.environ.get("FLEET_DB"))
 
+    @cached_property
+    def config(self) -> Config:
+        """``config.toml`` (read once; UsageError when malformed)."""
+        from fleet.config import load
+
+        return load(self.path)
+
     @property
     def db_url(self) -> str:
-        return self.db_override or f"sqlite:///{self.path / 'registry.db'}"
+        """The registry's URL: the override (flag, environment), the config file's
+        ``registry.url``, or SQLite in the home."""
+        return (self.db_override or self.config.registry_url
+                or f"sqlite:///{self.path / 'registry.db'}")
 
     @property
     def keys_dir(self) -> Path:

@@ -14,19 +14,42 @@ from fleet.home import FleetHome
 from fleet.registry import Registry
 from tests.package_kit import Device, make_device
 
+#: the two registry backends: the db_backend, pg_cluster and pg_database fixtures, the
+#: backends marker and its parametrisation (tests/pgfixture.py)
+pytest_plugins = ["tests.pgfixture"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FleetHome:
+def db_url(tmp_path: Path, db_backend: str, request: pytest.FixtureRequest) -> str:
+    """An empty registry database on the test's backend (tests/pgfixture.py)."""
+    if db_backend == "postgresql":
+        return str(request.getfixturevalue("pg_cluster").url(
+            request.getfixturevalue("pg_database")))
+    return f"sqlite:///{tmp_path / 'r.db'}"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_backend: str,
+         request: pytest.FixtureRequest) -> FleetHome:
+    """A controller home; on PostgreSQL its registry is an empty database (FLEET_DB)."""
     path = tmp_path / "home"
     monkeypatch.setenv("FLEET_HOME", str(path))
     monkeypatch.delenv("FLEET_DB", raising=False)
+    if db_backend == "postgresql":
+        monkeypatch.setenv("FLEET_DB", request.getfixturevalue("db_url"))
     return FleetHome.from_env(path)
 
 
 @pytest.fixture
-def registry(home: FleetHome) -> Iterator[Registry]:
+def registry(home: FleetHome, db_backend: str, request: pytest.FixtureRequest
+             ) -> Iterator[Registry]:
+    if db_backend == "postgresql":  # a copy of the migrated template, not a migration
+        from tests.pgfixture import clone_head
+
+        clone_head(request.getfixturevalue("pg_cluster"),
+                   request.getfixturevalue("pg_database"))
     reg = Registry.init(home)
     yield reg
     reg.close()

@@ -34,7 +34,7 @@ from fleet.transports.base import (
     Transport,
 )
 
-__all__ = ["FakeAgent", "FakeClock", "FakeFleet", "FakeTransport", "fake_package"]
+__all__ = ["FakeAgent", "FakeBroker", "FakeClock", "FakeFleet", "FakeTransport", "fake_package"]
 
 
 class FakeClock:
@@ -283,3 +283,62 @@ class FakeFleet:
             ctx.add_closer(transport.close)
         with transport:
             yield AgentClient(transport, device if isinstance(device, Device) else None)
+
+
+class FakeBroker:
+    """:class:`fleet.worker.broker.Broker` in memory, for the Celery dispatcher's tests.
+
+    A task sent to a queue runs at once through ``run`` (give it the real worker code,
+    :func:`fleet.worker.tasks.run_payload`), its result passed through JSON as Celery
+    would, unless its queue is ``held``: then it stays ``PENDING`` (a worker that took
+    it and died, or none at all) until :meth:`release`. :meth:`start` marks a held task
+    ``STARTED``. Revokes and cancel tokens are recorded; :meth:`mget` answers the
+    workers' cancel watch (:class:`fleet.worker.watch.CancelWatch`)."""
+
+    def __init__(self, run: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        from fleet.worker.broker import Send, TaskState
+
+        self.run = run
+        self.sent: list[Send] = []
+        self.results: dict[str, TaskState] = {}
+        self.revoked: list[str] = []
+        self.cancelled: set[str] = set()
+        self.held: set[str] = set()
+        self._state = TaskState
+
+    def _finish(self, payload: dict[str, Any]) -> Any:
+        assert self.run is not None
+        doc = json.loads(json.dumps(self.run(json.loads(json.dumps(payload)))))
+        return self._state("SUCCESS", doc)
+
+    def send(self, batch: Sequence[Any]) -> None:
+        for item in batch:
+            self.sent.append(item)
+            if item.queue not in self.held:
+                self.results[item.task_id] = self._finish(item.payload)
+
+    def task(self, device: str) -> Any:
+        return next(s for s in self.sent if s.payload["device"] == device)
+
+    def start(self, device: str) -> None:
+        self.results[self.task(device).task_id] = self._state("STARTED")
+
+    def release(self, device: str) -> None:
+        """Run a held task now (its worker came back)."""
+        item = self.task(device)
+        self.results[item.task_id] = self._finish(item.payload)
+
+    def states(self, task_ids: Sequence[str]) -> dict[str, Any]:
+        return {t: self.results[t] for t in task_ids if t in self.results}
+
+    def revoke(self, task_ids: Sequence[str]) -> None:
+        self.revoked.extend(task_ids)
+
+    def cancel(self, token: str) -> None:
+        self.cancelled.add(token)
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        from fleet.worker.broker import CANCEL_PREFIX
+
+        return [b"1" if k.removeprefix(CANCEL_PREFIX) in self.cancelled else None
+                for k in keys]

@@ -14,7 +14,16 @@ from fleet_agent.store import Store
 
 from fleet.artifacts import build_package
 from fleet.artifacts.keys import public_pem
-from fleet.core.package import Manifest, Recipient, parse_header
+from fleet.core.package import (
+    Manifest,
+    Recipient,
+    bundle_path,
+    check_envelope,
+    find_envelope,
+    open_envelope,
+    parse_header,
+    unwrap_data_key,
+)
 from fleet.core.package.chunks import TAG_SIZE
 
 CHUNK = 4096  # small chunks so a few KiB make several (the default stays 1 MiB)
@@ -57,7 +66,9 @@ def make_package(tmp: Path, signer: ed25519.Ed25519PrivateKey, devices: list[Dev
                  kind: str = "model", base: dict[str, object] | None = None,
                  files: list[tuple[str, bytes]] | None = None, out: str | None = None,
                  recipients: list[Recipient] | None = None, entry: str | None = None,
-                 ) -> tuple[Path, Manifest]:
+                 envelopes: bool = True) -> tuple[Path, Manifest]:
+    """A package (format 2 with its bundle ``OUT.envelopes`` beside it; format 1 with
+    ``envelopes=False``)."""
     src = tmp / f"src-{name}-{version}-{os.urandom(3).hex()}"
     src.mkdir(parents=True)
     if files is None:
@@ -71,8 +82,22 @@ def make_package(tmp: Path, signer: ed25519.Ed25519PrivateKey, devices: list[Dev
     m = build_package(pairs, dest, name=name, version=version, kind=kind,
                       recipients=recipients or [d.recipient for d in devices],
                       signing_key=signer, entry=entry or files[0][0],
-                      mnn_facts={"inputs": []}, base=base, chunk_size=CHUNK)
+                      mnn_facts={"inputs": []}, base=base, chunk_size=CHUNK,
+                      envelopes=envelopes)
     return dest, m
+
+
+def envelope_of(pkg: Path, dev: Device) -> bytes | None:
+    """``dev``'s key envelope from the bundle the build wrote beside ``pkg``."""
+    return find_envelope(bundle_path(pkg), dev.recipient.fingerprint)
+
+
+def data_key_of(pkg: Path, m: Manifest, dev: Device) -> bytes:
+    """The package's data key as ``dev`` opens it (either format)."""
+    fp = dev.recipient.fingerprint
+    if m.uses_envelopes:
+        return open_envelope(check_envelope(envelope_of(pkg, dev), m, fp), dev.key, m)
+    return unwrap_data_key(m.recipients[fp], dev.key, fp, m.content_digest())
 
 
 def split(path: Path) -> tuple[bytes, list[bytes]]:

@@ -3,6 +3,7 @@ without importing them."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -48,3 +49,66 @@ def test_short_h_is_help_and_a_subcommand_runs_after_lazy_load() -> None:
     assert res.exit_code == 0 and "deploy" in res.output
     res = runner.invoke(app_mod.app, ["group", "-h"])
     assert res.exit_code == 0 and "Usage" in res.output and "list" in res.output
+
+
+def _walk(command, path):  # type: ignore[no-untyped-def]
+    yield path, command
+    for name in (getattr(command, "commands", {}) and command.list_commands(None)) or []:
+        yield from _walk(command.get_command(None, name), [*path, name])
+
+
+def test_every_command_has_a_description_an_example_and_no_fake_metavar() -> None:
+    """Every command and subcommand, walked from the root: `--help` has a description and
+    an `Example` line; no option shows a Python type (`<bool>`, `<list[str]>`) as the
+    value it takes; a flag shows none; every command that prints data has -o/--output."""
+    app_mod.load_all()
+    root = typer.main.get_command(app_mod.app)
+    runner = CliRunner()
+    seen, problems = [], []
+    for path, command in _walk(root, []):
+        res = runner.invoke(app_mod.app, [*path, "--help"], env={"COLUMNS": "100"})
+        label = " ".join(path) or "fleet"
+        seen.append(label)
+        if res.exit_code != 0:
+            problems.append(f"{label}: --help exits {res.exit_code}")
+            continue
+        if not (command.help or "").strip():
+            problems.append(f"{label}: no description")
+        if "Example" not in res.output:
+            problems.append(f"{label}: no example")
+        options = res.output.split("Options:", 1)[-1]
+        problems.extend(f"{label}: fake metavar {bad}" for bad in
+                        ("<bool>", "<list[", "<str>", "<int>", "<float>", "<path>")
+                        if bad in options)
+        params = {o for p in command.params for o in getattr(p, "opts", [])}
+        if "--json" in params:
+            if "--output" not in params:
+                problems.append(f"{label}: prints data but has no --output")
+            # a flag: its help follows the name, no value placeholder between
+            if not re.search(r"^\s*--json( {2,}|$)", options, re.M):
+                problems.append(f"{label}: --json shows a value")
+    assert not problems, "\n".join(problems)
+    assert {"fleet", "device list", "deploy", "group create", "lab status"} <= set(seen)
+    assert len(seen) > 40
+
+
+def test_version_short_help_and_completion_are_installable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    res = runner.invoke(app_mod.app, ["--version"])
+    assert res.exit_code == 0 and "mnn-fleet" in res.output
+    res = runner.invoke(app_mod.app, ["device", "list", "-h"])
+    assert res.exit_code == 0 and "--output" in res.output
+    res = runner.invoke(app_mod.app, ["--show-completion", "bash"])
+    assert res.exit_code == 0 and "_FLEET_COMPLETE=complete_bash" in res.output
+    res = runner.invoke(app_mod.app, ["--install-completion", "bash"],
+                        env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / ".bash_completions" / "fleet.sh").is_file()
+    assert ".bash_completions/fleet.sh" in (tmp_path / ".bashrc").read_text()
+    # completion reaches the lazily loaded subcommands and -o's choices
+    code = ("import sys; from fleet.cli.app import main; sys.exit(main())")
+    res2 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, env={"_FLEET_COMPLETE": "complete_bash",
+                                            "COMP_WORDS": "fleet device list -o ",
+                                            "COMP_CWORD": "4", "PATH": "/usr/bin:/bin"})
+    assert res2.stdout.split() == ["json", "yaml", "wide", "tsv"], res2.stderr

@@ -1,21 +1,30 @@
-"""The CLI through CliRunner on a temp FLEET_HOME: devices, groups, --json, bad input."""
+"""The CLI through CliRunner on a temp FLEET_HOME: devices, groups, --json, bad input; on
+SQLite and on PostgreSQL (tests/pgfixture.py)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
+import pytest
+from sqlalchemy import inspect, text
+
 from fleet.home import FleetHome
+from fleet.registry.db import make_engine
 from tests.conftest import local_uri
+
+pytestmark = pytest.mark.backends
 
 
 def _dump(home: FleetHome) -> list[tuple[str, list[tuple[object, ...]]]]:
-    con = sqlite3.connect(home.path / "registry.db")
+    """Every table's rows, sorted: what a command that refused must leave unchanged."""
+    engine = make_engine(home.db_url)
     out = []
-    for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name"):
-        out.append((t, sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr)))
-    con.close()
+    with engine.connect() as con:
+        for t in sorted(inspect(con).get_table_names()):
+            rows = con.execute(text(f'SELECT * FROM "{t}"')).fetchall()
+            out.append((t, sorted((tuple(r) for r in rows), key=repr)))
+    engine.dispose()
     return out
 
 
@@ -50,7 +59,7 @@ def test_init_then_device_and_group_lifecycle(run_fleet, home: FleetHome,  # typ
     assert run_fleet("group", "rm", "phones", "a").exit_code == 0
     group = json.loads(run_fleet("group", "show", "phones", "--json").stdout)
     assert [d["name"] for d in group["devices"]] == ["b"]
-    assert run_fleet("device", "rm", "b").exit_code == 0
+    assert run_fleet("device", "rm", "b", "--yes").exit_code == 0
     assert [d["name"] for d in json.loads(run_fleet("device", "list", "--json").stdout)] == ["a"]
     status = json.loads(run_fleet("status", "--json").stdout)
     assert status["devices"] == 1 and status["groups"] == {"phones": 0}
@@ -83,10 +92,10 @@ def test_bad_input_has_clear_message_distinct_code_and_changes_nothing(  # type:
 
 def test_newer_database_is_refused_with_its_own_code(run_fleet, home: FleetHome) -> None:  # type: ignore[no-untyped-def]
     run_fleet("init")
-    con = sqlite3.connect(home.path / "registry.db")
-    con.execute("UPDATE alembic_version SET version_num='deadbeef0000'")
-    con.commit()
-    con.close()
+    engine = make_engine(home.db_url)
+    with engine.begin() as con:
+        con.exec_driver_sql("UPDATE alembic_version SET version_num='deadbeef0000'")
+    engine.dispose()
     r = run_fleet("device", "list")
     assert r.exit_code == 7
     assert "newer than this fleet" in r.stderr

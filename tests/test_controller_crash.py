@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,16 +18,21 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from fleet.artifacts import init_signing_key
 from fleet.home import FleetHome
 from fleet.registry import Registry
 from fleet.registry import history as hist
+from fleet.registry.db import make_engine
 from fleet.registry.models import StepState
 from tests.conftest import REPO, local_uri
 
 TINY = REPO / "models" / "tiny" / "tiny.mnn"
 NAMES = ("d1", "d2", "d3")
+
+pytestmark = pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
 
 
 def _fleet(home: FleetHome, *args: str, env: dict[str, str] | None = None,
@@ -111,16 +115,14 @@ def test_ctrl_c_stops_gently_prints_the_table_and_resume_finishes(
     proc = subprocess.Popen([*_deploy_argv(three), "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "NO_COLOR": "1"})
-    db = three.path / "registry.db"
+    engine = make_engine(three.db_url)
 
     def activating() -> bool:
-        if not db.exists():
-            return False
         try:
-            with sqlite3.connect(db) as con:
-                return bool(con.execute("select count(*) from deployment_steps where "
-                                        "state = 'activating'").fetchone()[0])
-        except sqlite3.Error:
+            with engine.connect() as con:
+                return bool(con.execute(text("select count(*) from deployment_steps where "
+                                             "state = 'activating'")).scalar())
+        except DBAPIError:
             return False
 
     try:
@@ -128,6 +130,7 @@ def test_ctrl_c_stops_gently_prints_the_table_and_resume_finishes(
         proc.send_signal(signal.SIGINT)
         out, errs = proc.communicate(timeout=300)
     finally:
+        engine.dispose()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, errs[-2000:]

@@ -17,6 +17,8 @@ TINY = REPO / "models" / "tiny" / "tiny.mnn"
 OUTLIER_ONNX = REPO / "models" / "tiny" / "outlier.onnx"
 OTHER_MNN = REPO / "models" / "tiny" / "outlier.mnn"
 
+pytestmark = pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
+
 
 @pytest.fixture
 def fleet3(run_fleet, home: FleetHome, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -76,15 +78,15 @@ def test_audit_shows_configured_effective_recommended(fleet3, tmp_path: Path) ->
     assert _deploy(fleet3, str(TINY), "--group", "demo")[0] == 0
     r = fleet3("audit", "--group", "demo", "--json")
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.stdout)
+    rows = json.loads(r.stdout)["rows"]
     assert {row["device"] for row in rows} == {"d1", "d2", "d3"}
     for row in rows:
-        assert row["model"] == "tiny" and row["version"] == 1
+        assert row["model"] == "tiny@1" and row["name"] == "tiny" and row["version"] == 1
         assert row["configured"] == "cpu" and row["effective"] == "cpu"
         assert row["recommended"] == "cpu"
-        assert all({"id", "severity", "message", "fix"} <= set(f) for f in row["findings"])
+        assert all({"code", "severity", "message", "fix"} <= set(f) for f in row["findings"])
     stored = fleet3("audit", "--group", "demo", "--offline", "--json")
-    assert json.loads(stored.stdout)[0]["source"] == "stored"
+    assert json.loads(stored.stdout)["rows"][0]["source"] == "stored"
     reports = json.loads(fleet3("reports", "d1", "--json").stdout)
     assert {x["kind"] for x in reports} >= {"activate", "audit"}
 

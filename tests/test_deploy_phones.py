@@ -84,8 +84,8 @@ def test_deploy_to_phones_group_end_to_end(phones: Phones) -> None:
         assert rep.recommended_backend == "cpu" and rep.model_name == "tiny"
     audit = phones.fleet("audit", "--group", "phones", "--json")
     assert audit.exit_code == 0, audit.output
-    assert {(r["device"], r["model"], r["effective"]) for r in json.loads(audit.stdout)} == \
-        {(n, "tiny", "cpu") for n in rows}
+    assert {(r["device"], r["name"], r["effective"])
+            for r in json.loads(audit.stdout)["rows"]} == {(n, "tiny", "cpu") for n in rows}
 
 
 def test_android_phone_offline_mid_push_fails_clearly_and_keeps_its_model(
@@ -120,7 +120,7 @@ def test_iphone_app_not_answering_is_pending_not_success(phones: Phones) -> None
     try:
         r = phones.fleet("audit", "--group", "phones", "--json", FLEET_MAILBOX_TIMEOUT="3")
         assert r.exit_code == 20
-        rows = {row["device"]: row for row in json.loads(r.stdout)}
+        rows = {row["device"]: row for row in json.loads(r.stdout)["rows"]}
         assert rows[victim]["error"].startswith("mailbox_pending")
         assert rows["iphone-0"]["error"] is None
     finally:
@@ -133,7 +133,7 @@ def test_iphone_app_missing_is_a_clear_error(phones: Phones, tmp_path: Path) -> 
     try:
         r = phones.fleet("audit", "--device", victim, "--json")
         assert r.exit_code == 12  # its one device: app_not_installed, a transport error
-        row = json.loads(r.stdout)[0]
+        row = json.loads(r.stdout)["rows"][0]
         assert row["error"].startswith("app_not_installed")
         assert "not installed" in row["error"] or "ApplicationLookupFailed" in row["error"]
     finally:

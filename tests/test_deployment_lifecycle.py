@@ -35,6 +35,8 @@ from tests.fakes import FakeClock, FakeFleet, fake_package
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CFG = LeaseConfig(interval_s=5, stale_after_s=60)
 
+pytestmark = pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
+
 
 def _at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)

@@ -18,9 +18,10 @@ from fleet_agent.cli import dispatch
 
 from fleet.core import errors
 from fleet.core.fsutil import ROOM_HEADROOM, room_needed, sha256_file
+from fleet.core.package.envelope import envelope_to_text
 from fleet.transports.base import TransportOptions
 from fleet.transports.local import LocalTransport
-from tests.package_kit import Device, make_device, make_package
+from tests.package_kit import Device, envelope_of, make_device, make_package
 
 MiB = 1 << 20
 SLACK = 256 << 10  # tmpfs rounds to pages; state.json and slots are a few KiB
@@ -62,8 +63,15 @@ def _push(dev: Device, pkg: Path, tmp: Path) -> str:
     return remote
 
 
-def _stage(dev: Device, path: str) -> dict[str, Any]:
-    return dispatch(dev.ctx, "stage", {"path": path})
+def _stage(dev: Device, path: str, pkg: Path | None = None, owner: Device | None = None
+           ) -> dict[str, Any]:
+    """The agent's ``stage`` verb; with ``pkg``, the key envelope of ``owner`` (default
+    ``dev``) goes with it, as a deploy sends it."""
+    args: dict[str, Any] = {"path": path}
+    env = envelope_of(pkg, owner or dev) if pkg is not None else None
+    if env is not None:
+        args["envelope"] = envelope_to_text(env)
+    return dispatch(dev.ctx, "stage", args)
 
 
 def test_room_needed_is_the_package_plus_headroom() -> None:
@@ -88,7 +96,7 @@ def test_a_package_bigger_than_half_the_free_space_stages_in_one_copy(
     size = pkg.stat().st_size
     assert size < free0 < 2 * size  # two copies would not fit
     remote = _push(small, pkg, tmp_path)
-    doc = _stage(small, remote)
+    doc = _stage(small, remote, pkg)
     assert doc["ok"], doc
     assert not list(small.ctx.incoming.iterdir())
     assert (small.ctx.store / f"{sha256_file(pkg)}.fpkg").stat().st_size == size
@@ -120,7 +128,7 @@ def test_too_big_fails_as_disk_full_leaves_nothing_and_a_small_model_follows(
     assert st.installed()["m"]["floor"] == 1
     # a small model deploys right after
     tiny, _ = make_package(tmp_path, signer, [small], version=2, size=64 << 10)
-    doc = _stage(small, _push(small, tiny, tmp_path))
+    doc = _stage(small, _push(small, tiny, tmp_path), tiny)
     assert doc["ok"] and doc["version"] == 2, doc
     assert st.activate("m", 2).current == 2
 
@@ -131,7 +139,7 @@ def test_a_refused_upload_is_removed(tmp_path: Path, signer: ed25519.Ed25519Priv
     stranger = make_device(tmp_path / "stranger", signer)
     pkg, _ = make_package(tmp_path, signer, [stranger], version=1, size=MiB)
     free0 = _free(small)
-    doc = _stage(small, _push(small, pkg, tmp_path))
+    doc = _stage(small, _push(small, pkg, tmp_path), pkg, stranger)
     assert not doc["ok"] and doc["error"]["code"] == "not_recipient", doc
     assert not list(small.ctx.incoming.iterdir()) and not list(small.ctx.store.iterdir())
     assert abs(_free(small) - free0) <= SLACK

@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fleet.core import errors
 from fleet.core.fsutil import sha256_file
+from fleet.core.package.envelope import envelope_to_text
 from fleet.transports.base import TransferResult, TransportOptions
 from fleet.transports.local import LocalTransport
-from tests.package_kit import Device, make_package
+from tests.package_kit import Device, envelope_of, make_package
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -101,7 +102,8 @@ def test_two_agents_staging_one_upload_both_succeed(tmp_path: Path,
     pkg, _ = make_package(tmp_path, signer, [dev], version=1, size=MiB)
     remote = str(dev.ctx.incoming / f"{sha256_file(pkg)}.fpkg")
     _local(dev, tmp_path).push(pkg, remote)
-    procs = [_agent(dev, "stage", {"path": remote}) for _ in range(2)]
+    env = envelope_to_text(envelope_of(pkg, dev) or b"")  # what each deploy sends with it
+    procs = [_agent(dev, "stage", {"path": remote, "envelope": env}) for _ in range(2)]
     answers = [_answer(p) for p in procs]
     assert [rc for rc, _ in answers] == [0, 0], answers
     assert sorted(bool(doc["already"]) for _, doc in answers) == [False, True]

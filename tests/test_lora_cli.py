@@ -148,7 +148,7 @@ def test_serve_started_by_fleet_and_outputs_follow_the_adapter(run_fleet, home: 
         assert r.exit_code == 20  # the outputs no longer match the base's references
         assert json.loads(r.stdout)[0]["matches"] < 3
         audit = _ok(run_fleet("audit", "--device", "s1", "--json"))
-        assert audit[0]["adapter"] == "adapter_b@1"
+        assert audit["rows"][0]["adapter"] == "adapter_b@1"
     finally:
         st = call(tmp_path / "devices" / "s1" / "run" / "serve.sock", "status", timeout=5)
         os.kill(int(st["pid"]), signal.SIGTERM)

@@ -85,4 +85,4 @@ def test_paddleocr_deploys_with_input_shape(key: str, shape: str, run_fleet: Any
     assert all(row["median_ms"] > 0 for row in rows)
     audit = run_fleet("audit", "--group", "ocr", "--json")
     assert audit.exit_code == 0, audit.output
-    assert {row["device"] for row in json.loads(audit.stdout)} == {"d1", "d2"}
+    assert {row["device"] for row in json.loads(audit.stdout)["rows"]} == {"d1", "d2"}

@@ -22,11 +22,19 @@ from fleet.core.package import (
     decrypt_chunks,
     encode_header,
     parse_header,
-    unwrap_data_key,
 )
 from fleet.core.package.chunks import chunk_aad, chunk_nonce
 from fleet.core.package.orders import sign_rollback_order
-from tests.package_kit import CHUNK, Device, make_device, make_package, payload_bytes, split
+from tests.package_kit import (
+    CHUNK,
+    Device,
+    data_key_of,
+    envelope_of,
+    make_device,
+    make_package,
+    payload_bytes,
+    split,
+)
 
 
 @pytest.fixture
@@ -129,8 +137,7 @@ def test_truncated_stream_is_caught_without_knowing_the_file_size(
         tmp_path: Path, signer: ed25519.Ed25519PrivateKey, dev: Device) -> None:
     pkg, m = make_package(tmp_path, signer, [dev], version=2)
     header, chunks = split(pkg)
-    key = unwrap_data_key(m.recipients[dev.recipient.fingerprint], dev.key,
-                          dev.recipient.fingerprint, m.content_digest())
+    key = data_key_of(pkg, m, dev)
     stream = io.BytesIO(b"".join(chunks[:-1]))
     with pytest.raises(errors.TruncatedPayloadError):
         for _ in decrypt_chunks(stream, key, parse_header(header).header_digest, m.size,
@@ -195,8 +202,7 @@ def test_endless_data_stops_after_the_last_chunk(tmp_path: Path,
                                                  dev: Device) -> None:
     pkg, m = make_package(tmp_path, signer, [dev], version=2)
     header, chunks = split(pkg)
-    key = unwrap_data_key(m.recipients[dev.recipient.fingerprint], dev.key,
-                          dev.recipient.fingerprint, m.content_digest())
+    key = data_key_of(pkg, m, dev)
     src = _Endless(b"".join(chunks))
     with pytest.raises(errors.TrailingDataError):
         for _ in decrypt_chunks(io.BufferedReader(src, 1), key,
@@ -207,10 +213,14 @@ def test_endless_data_stops_after_the_last_chunk(tmp_path: Path,
 
 def test_package_for_another_device(tmp_path: Path, signer: ed25519.Ed25519PrivateKey,
                                     dev: Device) -> None:
+    """Format 2 names no recipient in the manifest: the device learns it is not one from
+    the envelope it is sent (the other device's, here: all a confused controller has)."""
     other = make_device(tmp_path / "dev-b", signer)
     pkg, _ = make_package(tmp_path, signer, [other], version=2)
-    err = refused(dev, pkg, errors.NotRecipientError)
+    err = refused(dev, pkg, errors.NotRecipientError, envelope=envelope_of(pkg, other))
     assert err.details["device"] == dev.recipient.fingerprint
+    assert err.details["envelope_for"] == other.recipient.fingerprint
+    refused(dev, pkg, errors.NotRecipientError)  # nor does the bundle beside it
 
 
 def test_wrapped_key_that_does_not_open_with_this_device_key(
@@ -238,8 +248,7 @@ def test_fellow_recipient_reencrypting_other_content(tmp_path: Path,
     AES-GCM alone cannot see it; the signed plaintext digest does."""
     pkg, m = make_package(tmp_path, signer, [dev], version=2)
     header, chunks = split(pkg)
-    key = unwrap_data_key(m.recipients[dev.recipient.fingerprint], dev.key,
-                          dev.recipient.fingerprint, m.content_digest())
+    key = data_key_of(pkg, m, dev)
     hd = parse_header(header).header_digest
     evil = payload_bytes(m.size, 99)
     aead, n = AESGCM(key), len(chunks)

@@ -35,6 +35,8 @@ TABLE: dict[StepState, dict[Observed, tuple[Do, StepState | None]]] = {
 }
 TERMINAL = [s for s in StepState if s.terminal]
 
+pytestmark = pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
+
 
 def test_the_table_covers_every_state() -> None:
     assert set(TABLE) | set(TERMINAL) | {P.ROLLING_BACK} == set(StepState)

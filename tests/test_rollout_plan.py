@@ -6,7 +6,7 @@ import pytest
 
 from fleet.cli._exit import exit_code_for
 from fleet.core import errors
-from fleet.rollout.plan import ActionKind, decide, split_waves
+from fleet.rollout.plan import ActionKind, decide, parse_waves, split_waves
 
 
 def test_decide() -> None:
@@ -24,9 +24,14 @@ def test_split_waves() -> None:
     names = [f"d{i:02d}" for i in range(10)]
     assert split_waves(names, "1,25%,100%") == [names[:1], names[1:3], names[3:]]
     assert split_waves(names, "3") == [names[:3], names[3:]]  # the rest always follows
-    assert split_waves(names, "50%,50%,100%") == [names[:5], names[5:]]
+    assert split_waves(names, "50%,100%") == [names[:5], names[5:]]
     assert split_waves(names[:2], "5") == [names[:2]]
-    for bad in ("", "0", "x%", "-1"):
+    assert split_waves(names[:2], "1,10%,100%") == [names[:1], names[1:2]]  # 10% adds none
+    assert split_waves(names, " 2 , 12.5% ") == [names[:2], names[2:]]  # 12.5% of 10: 2
+    for bad in ("", "0", "x%", "-1", "50%,25%", "50%,50%,100%", "3,2", "100%,5", "101%",
+                "0%", "1,,2", "abc"):
+        with pytest.raises(errors.UsageError):
+            parse_waves(bad)
         with pytest.raises(errors.UsageError):
             split_waves(names, bad)
 

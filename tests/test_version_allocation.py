@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 from fleet_agent.identity import public_pem
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from fleet.artifacts import init_signing_key, load_signing_key
@@ -21,6 +21,7 @@ from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Registry
 from fleet.registry import versions as ver
+from fleet.registry.db import make_engine
 from fleet.registry.versions import claim_version, record_package
 from tests.conftest import REPO
 from tests.package_kit import make_device, make_tiny_mnn
@@ -30,13 +31,17 @@ def _digest(i: int | str) -> str:
     return hashlib.sha256(str(i).encode()).hexdigest()
 
 
+pytestmark = pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
+
+
 def _digests_per_version(home: FleetHome, table: str) -> dict[tuple[str, int], int]:
-    db = sqlite3.connect(home.path / "registry.db")
+    engine = make_engine(home.db_url)
     try:
-        rows = db.execute(f"SELECT name, version, count(DISTINCT digest) FROM {table} "
-                          "GROUP BY name, version").fetchall()
+        with engine.connect() as db:
+            rows = db.execute(text(f"SELECT name, version, count(DISTINCT digest) FROM "
+                                   f"{table} GROUP BY name, version")).fetchall()
     finally:
-        db.close()
+        engine.dispose()
     return {(n, v): c for n, v, c in rows}
 
 

@@ -125,7 +125,7 @@ def test_init_keys_add_deploy_audit_from_a_wheel_in_a_fresh_venv(install: Instal
     assert row["effective_backend"] == "cpu"
     res = install.fleet("audit", "--device", "a", "--json")
     _check(res)
-    [audit] = json.loads(res.stdout)
+    [audit] = json.loads(res.stdout)["rows"]
     assert audit["device"] == "a"
     # the agent that ran is the venv's: its store is where the device's URI says
     assert (device_root / "state.json").is_file()

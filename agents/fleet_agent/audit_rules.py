@@ -8,6 +8,12 @@ lists them; ``tests/test_audit_rules.py`` reproduces each one.
 
 Not a rule: timing without a sync. The health benchmark reads every output back inside
 the timed loop, so an unsynced figure cannot be produced here.
+
+Arm (FIELD-NOTES 5, "Arm under emulation"): FA004 also fires on an Arm CPU with fp16
+arithmetic when this MNN cannot use it (no ARM82 kernels, or MNN's own ``fp16:0``);
+FA012 and FA013 judge fp16 by the golden check of the measured ``precision: low``
+candidate; FA014 says the CPU is emulated, and FA011 (a speed comparison) is then not
+raised.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any
 from fleet.core.mnn.session import GPU_BACKENDS
 from fleet_agent.candidates import fp16_arith, hardware_backends, probe_cpu_features
 from fleet_agent.gpucache import scan_caches
+from fleet_agent.mnn_cpu import cpu_fp16
+from fleet_agent.probe import emulated
 
 __all__ = ["RULES", "Finding", "Rule", "audit"]
 
@@ -64,6 +72,16 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "package the model from its original (ONNX/TFLite) so golden outputs travel with it"),
     Rule("FA011", "warning", "configured runtime is slower than the measured best",
          "write the pick into the runtime config (`fleet-agent bench` does)"),
+    Rule("FA012", "info", "fp16 available and correct for this model, but not used",
+         "consider precision low on this CPU: it passed the golden check here; on real "
+         "Armv8.2+ hardware fp16 roughly halves the arithmetic and memory traffic (confirm "
+         "the speed with `fleet-agent bench` on the device itself, not under emulation)"),
+    Rule("FA013", "error", "fp16 (precision low) in use, and wrong for this model",
+         "set precision normal for this model: its fp16 outputs fail the golden check here "
+         "(other models may still run fp16 correctly on this device)"),
+    Rule("FA014", "info", "the CPU is emulated: timings are not representative",
+         "judge speed on real hardware only; correctness verdicts (golden check, fallbacks) "
+         "from the emulated CPU still hold, and so does which features it offers"),
 )}
 
 
@@ -150,10 +168,14 @@ def _fa004(f: _Facts) -> list[Finding]:
     if not f.config or f.config.get("precision") != "low":
         return []
     backend = f.config.get("backend") or "cpu"
-    if fp16_arith(f.probe, backend):
+    if fp16_arith(f.probe, backend, f.build):
         return []
-    return [_finding("FA004", f"precision low on {backend}, which has no fp16 arithmetic here",
-                     backend=backend, cpu_features=sorted(probe_cpu_features(f.probe))[:40])]
+    why = (cpu_fp16(f.probe, f.build)[1] if backend == "cpu"
+           else "no fp16 arithmetic for it here")
+    return [_finding("FA004", f"precision low on {backend}, which has no fp16 arithmetic here"
+                              f" ({why})", backend=backend, reason=why,
+                     cpu_features=sorted(probe_cpu_features(f.probe))[:40],
+                     mnn_cpu_line=((f.build.get("cpu_runtime") or {}).get("banner")))]
 
 
 def _fa005(f: _Facts) -> list[Finding]:
@@ -229,6 +251,8 @@ def _fa011(f: _Facts) -> list[Finding]:
     conf, chosen = report.get("configured"), report.get("pick")
     if not conf or not chosen or conf.get("median_ms") is None or conf.get("fell_back"):
         return []
+    if report.get("emulated"):
+        return []  # emulated timings rank nothing (FA014 says so)
     if conf.get("label") == chosen.get("label"):
         return []
     ratio = float(conf["median_ms"]) / max(float(chosen["median_ms"]), 1e-9)
@@ -239,8 +263,65 @@ def _fa011(f: _Facts) -> list[Finding]:
                      configured=conf.get("label"), recommended=chosen.get("label"))]
 
 
+def _low_candidates(f: _Facts, backend: str) -> list[Mapping[str, Any]]:
+    return [c for c in (f.report or {}).get("candidates") or []
+            if (c.get("config") or {}).get("backend") == backend
+            and (c.get("config") or {}).get("precision") == "low"]
+
+
+def _fa012(f: _Facts) -> list[Finding]:
+    if not f.config or (f.config.get("backend") or "cpu") != "cpu":
+        return []
+    if f.config.get("precision") == "low" or cpu_fp16(f.probe, f.build)[0] is False:
+        return []
+    passed = [c for c in _low_candidates(f, "cpu") if c.get("status") == "passed"]
+    if not passed:
+        return []
+    best = min(passed, key=lambda c: float((c.get("timing") or {}).get("median_ms") or 1e30))
+    comp = best.get("comparison") or {}
+    ref = ((f.report or {}).get("reference") or {}).get("kind")
+    emu = (f.report or {}).get("emulated")
+    note = (f"; its speed was measured on an emulated CPU ({emu}), so measure on the real "
+            "device before switching" if emu else "")
+    return [_finding("FA012", f"{best.get('label')} (fp16) passed the {ref or 'reference'} "
+                              f"check for this model (worst cosine "
+                              f"{comp.get('worst_cosine')}) but the config runs precision "
+                              f"{f.config.get('precision') or 'normal'}{note}",
+                     label=best.get("label"), reference=ref,
+                     worst_cosine=comp.get("worst_cosine"), emulated=emu)]
+
+
+def _fa013(f: _Facts) -> list[Finding]:
+    if not f.config or f.config.get("precision") != "low":
+        return []
+    backend = f.config.get("backend") or "cpu"
+    wrong = [c for c in _low_candidates(f, backend) if c.get("status") == "failed"
+             and c.get("comparison") and not (c.get("comparison") or {}).get("passed", True)]
+    if not wrong:
+        return []
+    ref = ((f.report or {}).get("reference") or {}).get("kind")
+    reasons = "; ".join(((wrong[0].get("comparison") or {}).get("reasons") or [])[:2])
+    return [_finding("FA013", f"the config runs precision low on {backend} and "
+                              f"{', '.join(str(c.get('label')) for c in wrong[:4])} fail the "
+                              f"{ref or 'reference'} check for this model: {reasons}",
+                     backend=backend, labels=[c.get("label") for c in wrong], reference=ref)]
+
+
+def _fa014(f: _Facts) -> list[Finding]:
+    emu = (f.report or {}).get("emulated") or emulated(f.probe)
+    if not emu:
+        return []
+    cpu = f.probe.get("cpu") or {}
+    detail = (cpu.get("details") or {}).get("emulation") or {}
+    return [_finding("FA014", f"the CPU ({cpu.get('arch')}, {cpu.get('model')}) is emulated "
+                              f"by {emu}: benchmark timings say nothing about real hardware",
+                     emulator=emu, cpu_model=cpu.get("model"),
+                     real_executable=detail.get("real_executable"))]
+
+
 _CHECKS: tuple[Callable[[_Facts], list[Finding]], ...] = (
-    _fa001, _fa002, _fa003, _fa004, _fa005, _fa006, _fa007, _fa008, _fa009, _fa010, _fa011)
+    _fa001, _fa002, _fa003, _fa004, _fa005, _fa006, _fa007, _fa008, _fa009, _fa010, _fa011,
+    _fa012, _fa013, _fa014)
 
 
 def audit(report: Mapping[str, Any] | None, *, probe: Mapping[str, Any],

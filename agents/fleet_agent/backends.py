@@ -112,13 +112,22 @@ def _trial(model: Path) -> dict[str, Any]:
 
 def build_backend_details(cache_dir: Path, *, refresh: bool = False,
                           isolate: bool = True) -> dict[str, Any]:
-    """The cached trial document: ``{"mnn_version", "backends": {name: bool}, "detail"}``."""
+    """The cached trial document: ``{"mnn_version", "backends": {name: bool}, "detail",
+    "cpu_kernels", "cpu_runtime"}`` (``cpu_runtime``: MNN's load-time CPU line,
+    :mod:`fleet_agent.mnn_cpu`, re-read when the CPU changes)."""
+    from fleet_agent.mnn_cpu import cpu_key, mnn_cpu_runtime
+
     version = mnn_version()
     cache = _cache_file(cache_dir, version)
+    key = cpu_key()
     if not refresh and cache.is_file():
         try:
             doc: dict[str, Any] = json.loads(cache.read_text())
             if doc.get("mnn_version") == version and isinstance(doc.get("backends"), dict):
+                if (doc.get("cpu_runtime") or {}).get("cpu_key") != key:
+                    # MNN's own CPU line depends on the CPU, not only on the MNN version
+                    doc["cpu_runtime"] = {**mnn_cpu_runtime(), "cpu_key": key}
+                    atomic_write(cache, json.dumps(doc, indent=2, sort_keys=True).encode())
                 return doc
         except (OSError, ValueError):
             pass  # a damaged cache is re-made below
@@ -128,7 +137,8 @@ def build_backend_details(cache_dir: Path, *, refresh: bool = False,
         detail = _trial_in_child(model) if isolate else _trial(model)
     doc = {"mnn_version": version,
            "backends": {name: bool(info.get("present")) for name, info in detail.items()},
-           "detail": detail, "cpu_kernels": build_cpu_kernels()}
+           "detail": detail, "cpu_kernels": build_cpu_kernels(),
+           "cpu_runtime": {**mnn_cpu_runtime(), "cpu_key": key}}
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, json.dumps(doc, indent=2, sort_keys=True).encode())  # O_NOFOLLOW
     return doc

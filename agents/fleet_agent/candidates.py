@@ -4,8 +4,11 @@ A candidate must be *usable on this hardware* (the probe found the GPU API and a
 *and present in this MNN build* (:mod:`fleet_agent.backends`). Variants are kept to the
 ones that can change something (FIELD-NOTES 5):
 - ``precision: low`` only where fp16 arithmetic exists for that backend: Arm CPUs with
-  ``asimdhp``/``fphp``; OpenCL devices with ``cl_khr_fp16``; Vulkan devices with the fp16
-  extension; Metal always. On x86 the CPU backend ignores it.
+  ``asimdhp``/``fphp`` *and* an MNN that runs fp16 there (ARM82 kernels in the library and
+  ``fp16:1`` in its load-time CPU line, :func:`fleet_agent.mnn_cpu.cpu_fp16`); OpenCL
+  devices with ``cl_khr_fp16``; Vulkan devices with the fp16 extension; Metal always. On
+  x86 the CPU backend ignores it. Whether fp16 is correct enough for a model is the golden
+  check's call, per candidate, not this module's.
 - ``memory: low`` only for a weight-quantized model (it keeps int8/int4 weights packed);
   on a float model it changes nothing.
 - threads: 1 and the usable core count (bounded), for the CPU only; GPU backends read
@@ -115,8 +118,17 @@ def hardware_backends(probe: Mapping[str, Any]) -> dict[str, str]:
     return found
 
 
-def fp16_arith(probe: Mapping[str, Any], backend: str) -> bool:
-    """Whether ``precision: low`` can mean fp16 compute on ``backend`` here."""
+def fp16_arith(probe: Mapping[str, Any], backend: str,
+               build: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``precision: low`` can mean fp16 compute on ``backend`` here. For the CPU,
+    ``build`` (the build facts of :mod:`fleet_agent.backends`) adds MNN's side: no ARM82
+    kernels, or MNN's own ``fp16:0``, means no."""
+    if backend == "cpu" and build:
+        from fleet_agent.mnn_cpu import cpu_fp16
+
+        verdict, _ = cpu_fp16(probe, build)
+        if verdict is not None:
+            return verdict
     if backend == "cpu":
         if (probe.get("cpu") or {}).get("fp16_arith") is True:
             return True
@@ -144,8 +156,12 @@ def enumerate_candidates(
     weight_quantized: bool,
     thread_options: Sequence[int] | None = None,
     backends: Sequence[str] | None = None,
+    build: Mapping[str, Any] | None = None,
 ) -> tuple[list[Candidate], list[Skipped]]:
     """The configurations to measure, and the ones left out with the reason.
+
+    ``build``: the build facts (``cpu_kernels``, ``cpu_runtime``) that say whether this
+    MNN computes fp16 on the CPU; without them the CPU's fp16 arithmetic alone decides.
 
     ``backends`` forces a list of backends (an operator's request, or the configured one)
     even when the build or the probe says no: measuring them is how a silent fallback is
@@ -175,8 +191,14 @@ def enumerate_candidates(
         threads = (_thread_choices(probe, thread_options) if backend == "cpu"
                    else [GPU_THREADS])
         precisions = ["normal"]
-        if fp16_arith(probe, backend):
+        if fp16_arith(probe, backend, build):
             precisions.append("low")
+        elif backend == "cpu":
+            from fleet_agent.mnn_cpu import cpu_fp16
+
+            skipped.append(Skipped(backend, "precision=low",
+                                   f"{cpu_fp16(probe, build)[1]}; precision low would "
+                                   "change nothing"))
         else:
             skipped.append(Skipped(backend, "precision=low",
                                    "no fp16 arithmetic for this backend on this hardware; "

@@ -1,6 +1,8 @@
 """``fleet-agent [--root DIR] VERB [SUB] [--args-b64 B64]``: one JSON document out.
 
 ``fleet-agent --version`` prints ``mnn-fleet <version>`` (for people; not a protocol verb).
+``fleet-agent [--root DIR] pull --server URL --ca FILE ...`` is the pull-mode loop
+(:mod:`fleet_agent.pull`), not a verb either.
 
 Exit status: 0 when ``ok`` is true, 1 when the verb failed (the error is in the JSON),
 2 for a malformed invocation (also answered with a JSON document).
@@ -130,6 +132,19 @@ def _parse(argv: Sequence[str]) -> tuple[str | None, str, dict[str, Any]]:
     return root, verb, args
 
 
+def _first_word(argv: Sequence[str]) -> str | None:
+    """The verb word (the first word that is neither an option nor ``--root``'s value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--root":
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def _dist_version() -> str:
     # Not fleet._version: the agent imports only fleet.core from fleet (import contract).
     from importlib import metadata
@@ -176,6 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--version" in argv:
         print(f"mnn-fleet {_dist_version()}")
         return 0
+    if _first_word(argv) == "pull":  # the pull loop has options of its own
+        from fleet_agent.pull import main as pull_main
+
+        rest = list(argv)
+        rest.remove("pull")
+        return pull_main(rest)
     try:
         root, verb, args = _parse(argv)
     except Exception as exc:

@@ -40,7 +40,8 @@ from fleet_agent.backends import build_backend_details
 from fleet_agent.candidates import Candidate, enumerate_candidates
 from fleet_agent.contained import ChildOutcome, run_contained
 from fleet_agent.measure import CandidateResult, _measure, detect_weight_quant
-from fleet_agent.policy import Pick, pick
+from fleet_agent.policy import EMULATED_NOTE, Pick, pick
+from fleet_agent.probe import emulated as probe_emulated
 
 __all__ = ["HEALTH_SCHEMA", "CandidateResult", "HealthReport", "detect_weight_quant",
            "health_check"]
@@ -66,6 +67,7 @@ class HealthReport:
     environment: dict[str, Any]
     started_at: str
     duration_s: float
+    emulated: str | None = None  #: the probe's cpu.emulated ("qemu"): timings meaningless
 
     def to_dict(self) -> dict[str, Any]:
         configured = None
@@ -83,7 +85,9 @@ class HealthReport:
             "pick": None if self.pick is None else self.pick.to_dict(),
             "pick_reasons": self.pick_reasons, "configured": configured,
             "environment": self.environment, "started_at": self.started_at,
-            "duration_s": round(self.duration_s, 3),
+            "duration_s": round(self.duration_s, 3), "emulated": self.emulated,
+            "timings_representative": self.emulated is None,
+            "timing_note": EMULATED_NOTE.format(self.emulated) if self.emulated else None,
         }
 
 
@@ -323,7 +327,9 @@ def health_check(
         forced.append(conf_cfg.backend)
     cands, skipped = enumerate_candidates(probe, build["backends"],
                                           weight_quantized=bool(ref.weight_quantized),
-                                          thread_options=thread_options, backends=forced)
+                                          thread_options=thread_options, backends=forced,
+                                          build=build)
+    emu = probe_emulated(probe)
     plan: list[tuple[Candidate, str]] = [(c, "candidate") for c in cands]
     if conf_cfg is not None:
         for i, (c, _) in enumerate(plan):
@@ -345,25 +351,29 @@ def health_check(
                 driver=gpucache.gpu_driver(probe, backend), mnn_version=mnn_version())
             cache_file = None if path is None else str(path)
             cache_info = {**check.to_dict(), "used": path is not None}
-        results.append(_measure_contained(
+        res = _measure_contained(
             model_path, cand, role, isolate=isolate, timeout_s=job_timeout_s,
             cache_info=cache_info, inputs=inputs, reference=reference,
             input_shapes=input_shapes, thresholds=th, warmup=warmup, iterations=iterations,
-            cache_file=cache_file))
+            cache_file=cache_file)
+        res.conditions["emulated"] = emu  # FIELD-NOTES 6: figures carry their conditions
+        results.append(res)
     if no_reference:
         chosen, reasons = None, [
             f"the CPU fp32 reference run {ref.outcome.describe()}; without golden data "
             "there is nothing to check candidates against, none was measured"]
     else:
-        chosen, reasons = pick(results)
+        chosen, reasons = pick(results, emulated=emu)
     configured_result = next((r for r in results if r.role == "configured"), None)
     env = {"device_id": device, "machine": platform.machine(), "cores": os.cpu_count(),
            "power": "normal (not changed by the agent)",
-           "probe_schema": probe.get("schema")}
+           "probe_schema": probe.get("schema"), "emulated": emu,
+           "cpu_model": (probe.get("cpu") or {}).get("model")}
     return HealthReport(
         model=model_info, mnn_version=mnn_version(),
-        build={"backends": build["backends"], "cpu_kernels": build.get("cpu_kernels")},
+        build={"backends": build["backends"], "cpu_kernels": build.get("cpu_kernels"),
+               "cpu_runtime": build.get("cpu_runtime")},
         reference=ref_info, thresholds=th.to_dict(), candidates=results,
         skipped=[s.to_dict() for s in skipped], pick=chosen, pick_reasons=reasons,
         configured=configured_result, environment=env, started_at=started,
-        duration_s=time.monotonic() - t_start)
+        duration_s=time.monotonic() - t_start, emulated=emu)

@@ -259,13 +259,14 @@ def _daemon(ctx: AgentContext, args: dict[str, Any], op: str, **req: Any) -> dic
 
 
 def lora_add(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
-    """Stage a LoRA pack (``path`` on the device): verified, kept encrypted; with
-    ``swap: true`` the daemon then serves it."""
+    """Stage a LoRA pack (``path`` on the device, ``envelope``: its key envelope, base64):
+    verified, kept encrypted; with ``swap: true`` the daemon then serves it."""
+    from fleet.core.package.envelope import envelope_from_text
     from fleet_agent.store import Store
 
     if not args.get("path"):
         raise errors.UsageError("lora add needs path")
-    staged = Store(ctx).stage(args["path"])
+    staged = Store(ctx).stage(args["path"], envelope=envelope_from_text(args.get("envelope")))
     if staged.kind != "lora":
         raise errors.UsageError(f"{staged.name} is a {staged.kind} package, not a LoRA pack",
                                 name=staged.name)

@@ -8,6 +8,11 @@ Rules, in order:
 3. Within 3 % of the fastest (measurement noise on a shared device), prefer fewer threads
    (cores left to the app), then ``memory: low`` (less RAM for the same speed), then
    ``precision: normal`` (no accuracy given away for nothing).
+
+On an emulated CPU (the probe's ``cpu.emulated``, e.g. ``"qemu"``) the same rules pick,
+but the pick says that its speed ranking is not representative of real hardware
+(``emulated``, ``timings_representative: false`` and a reason); which candidates passed
+the reference check still holds.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Protocol
 
 from fleet.core.mnn.session import RuntimeConfig
 
-__all__ = ["NOISE_MARGIN", "Measured", "Pick", "pick"]
+__all__ = ["EMULATED_NOTE", "NOISE_MARGIN", "Measured", "Pick", "pick"]
 
 NOISE_MARGIN = 0.03
 
@@ -42,11 +47,13 @@ class Pick:
     median_ms: float
     reasons: list[str] = field(default_factory=list)
     speedup_vs_cpu: float | None = None
+    emulated: str | None = None  #: the CPU was emulated ("qemu"): timings meaningless
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.config.to_dict(), "label": self.config.label(),
                 "median_ms": round(self.median_ms, 4), "speedup_vs_cpu": self.speedup_vs_cpu,
-                "reasons": self.reasons}
+                "reasons": self.reasons, "emulated": self.emulated,
+                "timings_representative": self.emulated is None}
 
 
 def _tiebreak(c: Measured) -> tuple[int, int, int]:
@@ -55,8 +62,14 @@ def _tiebreak(c: Measured) -> tuple[int, int, int]:
             0 if c.config.precision == "normal" else 1)
 
 
-def pick(results: Sequence[Measured]) -> tuple[Pick | None, list[str]]:
-    """The pick and the reasons; ``(None, reasons)`` when nothing passed."""
+EMULATED_NOTE = ("timings come from an emulated CPU ({}): the speed ranking is not "
+                 "representative of real hardware; the correctness verdicts hold")
+
+
+def pick(results: Sequence[Measured], *, emulated: str | None = None
+         ) -> tuple[Pick | None, list[str]]:
+    """The pick and the reasons; ``(None, reasons)`` when nothing passed. ``emulated``:
+    the probe's ``cpu.emulated`` (the pick is then marked as timed on an emulator)."""
     eligible = [r for r in results if r.status == "passed" and r.median_ms is not None]
     if not eligible:
         statuses = sorted({r.status for r in results})
@@ -94,4 +107,6 @@ def pick(results: Sequence[Measured]) -> tuple[Pick | None, list[str]]:
     if failed:
         reasons.append(f"{len(failed)} candidate(s) not eligible: " + ", ".join(
             f"{r.config.label()} ({r.status})" for r in failed[:6]))
-    return Pick(chosen.config, median, reasons, speedup), reasons
+    if emulated:
+        reasons.append(EMULATED_NOTE.format(emulated))
+    return Pick(chosen.config, median, reasons, speedup, emulated), reasons

@@ -25,6 +25,7 @@ from fleet_agent.context import AgentContext
 __all__ = [
     "PROBE_SCHEMA",
     "VOLATILE_FIELDS",
+    "emulated",
     "mnn_backend_hints",
     "probe",
     "probe_executable",
@@ -164,6 +165,13 @@ def mnn_backend_hints(doc: Mapping[str, Any]) -> list[str]:
     if is_android and any(h.get("name") == "nnapi" for h in doc.get("npu_hints") or []):
         hints.append("NN")
     return hints
+
+
+def emulated(doc: Mapping[str, Any]) -> str | None:
+    """``"qemu"`` (or ``"rosetta"``, ``"unknown"``) when the probe found the CPU emulated,
+    else None: timings measured there say nothing about real hardware."""
+    value = (doc.get("cpu") or {}).get("emulated")
+    return str(value) if value else None
 
 
 def probe_verb(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,12 @@ key the *current* root lists, so a revoked key's packages are refused from then 
 ``identity/device_key.retired-<n>.pem`` are device keys replaced by ``rekey``: they open
 packages already in the store, never a new one.
 
+Key envelopes (package format 2): the data key of a package reaches this device in its
+own 181-byte envelope, sent with ``stage`` (or found in the bundle ``PATH.envelopes``
+beside a package staged from a path); it is checked with the header and kept, base64, in
+the version's ``state.json`` record, so opening a stored package later needs nothing
+else. The package file stays exactly the verified (encrypted) bytes.
+
 ``slots/<name>/current`` is the truth about what is active; ``state.json`` holds what
 was accepted (the version floor and sequence numbers the trust rules need) and a mirror
 of the slots for ``status``. Every file is written to a temp file, fsynced, renamed, and
@@ -45,6 +51,8 @@ the agent at each one. It is inert unless the variable names a step.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
 import hashlib
@@ -64,16 +72,20 @@ from fleet.core import errors
 from fleet.core.filelock import exclusive
 from fleet.core.fsutil import atomic_write, fsync_dir, os_error
 from fleet.core.package import (
+    ENVELOPE_SIZE,
     ClockReading,
+    Envelope,
     KeyRing,
     Limits,
     Manifest,
     ModelState,
     RollbackAllowance,
     apply_root_chain,
+    bundle_path,
     check_base_binding,
     check_freshness,
     decrypt_package,
+    find_envelope,
     fingerprint_public_key,
     load_trusted_public_key,
     online_keys,
@@ -82,6 +94,7 @@ from fleet.core.package import (
     verify_rollback_order,
 )
 from fleet.core.package.trust import parse_time, verify_first_root
+from fleet.core.package.verify import check_recipient
 from fleet_agent import gc
 from fleet_agent.context import AgentContext
 from fleet_agent.identity import load_device_key
@@ -327,11 +340,28 @@ class Store:
             keys.append(load_device_key(p))
         return keys
 
-    def _key_for(self, m: Manifest) -> ec.EllipticCurvePrivateKey:
+    def _key_for(self, m: Manifest, envelope: bytes | None) -> ec.EllipticCurvePrivateKey:
+        """The device key (current or retired) a stored package was addressed to."""
+        want = None
+        if m.uses_envelopes and envelope is not None and len(envelope) == ENVELOPE_SIZE:
+            want = Envelope.parse(envelope).fingerprint
         for key in self._device_keys():
-            if fingerprint_public_key(key.public_key()) in m.recipients:
+            fp = fingerprint_public_key(key.public_key())
+            if fp == want or (not m.uses_envelopes and fp in m.recipients):
                 return key
         return self.device_key  # NotRecipientError / WrongKeyError follow from the check
+
+    @staticmethod
+    def _stored_envelope(name: str, version: int, state: dict[str, Any]) -> bytes | None:
+        rec = state["models"].get(name, {}).get("versions", {}).get(str(version)) or {}
+        env = rec.get("envelope")
+        if env is None:
+            return None
+        try:
+            return base64.b64decode(env, validate=True)
+        except (binascii.Error, TypeError) as exc:
+            raise errors.StoreError(f"state.json: the key envelope of {name} v{version} is "
+                                    "corrupt", name=name, version=version) from exc
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -463,7 +493,7 @@ class Store:
 
     def stage(self, package_path: str | os.PathLike[str], *,
               order: dict[str, Any] | None = None, trust: Sequence[Any] | None = None,
-              controller_time: str | None = None) -> Staged:
+              controller_time: str | None = None, envelope: bytes | None = None) -> Staged:
         """Verify a package completely and keep it, encrypted, in ``store/``.
 
         Nothing lands unless every check passed. A package in ``incoming/`` is the agent's
@@ -474,10 +504,15 @@ class Store:
         allows an older version to be staged (consumed only by :meth:`rollback`).
         ``trust`` is a root chain applied first (a rotation or revocation travels with the
         next push); ``controller_time`` the controller's clock, named in a clock-skew
-        refusal (:func:`fleet.core.package.trust.check_freshness`).
+        refusal (:func:`fleet.core.package.trust.check_freshness`). ``envelope`` is this
+        device's key envelope (format 2); without one, the bundle ``PATH.envelopes``
+        beside the package is searched for it.
 
-        Raises the package's :class:`PackageError`, :class:`DiskFullError` (ENOSPC/EDQUOT;
-        nothing left behind), :class:`BusyError` (the root's lock was held too long)."""
+        Raises the package's :class:`PackageError` (an envelope that is missing, malformed,
+        for another package or device, altered or forged: its :class:`EnvelopeError`,
+        :class:`NotRecipientError` or :class:`WrongKeyError`), :class:`DiskFullError`
+        (ENOSPC/EDQUOT; nothing left behind), :class:`BusyError` (the root's lock was held
+        too long)."""
         src = Path(package_path)
         owned = self._owned_upload(src)
         with self._locked():
@@ -487,12 +522,28 @@ class Store:
                 state = self._load_state()
                 self._clean_temp()
                 return self._stage_locked(src, owned, state, order,
-                                          self._clock_reading(controller_time))
+                                          self._clock_reading(controller_time), envelope)
             except BaseException:
                 if owned:  # a refused or failed upload only keeps the disk full
                     with contextlib.suppress(OSError):
                         src.unlink()
                 raise
+
+    def _bundle_envelope(self, src: Path, m: Manifest) -> bytes | None:
+        """This device's envelope from the bundle beside ``src`` (a package staged from a
+        path, e.g. ``fleet package -o`` output copied by hand); None without a bundle.
+        Failing this key's, one for a key ``rekey`` retired is returned (refused next as
+        addressed to another key); a bundle with neither is NotRecipientError."""
+        bundle = bundle_path(src)
+        if not bundle.is_file():
+            return None
+        for key in self._device_keys():
+            env = find_envelope(bundle, fingerprint_public_key(key.public_key()))
+            if env is not None:
+                return env
+        raise errors.NotRecipientError(
+            f"package {m.name} v{m.version} is not addressed to this device (its envelope "
+            f"bundle {bundle.name} has none for this device's key)", device=self.fingerprint)
 
     def _owned_upload(self, src: Path) -> bool:
         """Is ``src`` a pushed file in this root's ``incoming/`` (the agent may consume it)?"""
@@ -502,7 +553,8 @@ class Store:
             return False
 
     def _stage_locked(self, src: Path, owned: bool, state: dict[str, Any],
-                      order: dict[str, Any] | None, clock: ClockReading) -> Staged:
+                      order: dict[str, Any] | None, clock: ClockReading,
+                      envelope: bytes | None) -> Staged:
         if owned and not src.exists():
             # A concurrent deploy of the same package already took this upload into the
             # store (both pushes land on incoming/<package sha>.fpkg): that is success.
@@ -514,9 +566,11 @@ class Store:
         except OSError as exc:
             raise errors.StoreError(f"cannot read the package {src}: {exc.strerror}",
                                     path=str(src)) from exc
-        with f:  # cheap header look: is this package already here?
-            m0 = open_header(f, self.trusted_signer, None, device_fingerprint=self.fingerprint,
-                             limits=self.limits).manifest
+        with f:  # cheap header look: is this package for this device, already here?
+            m0 = open_header(f, self.trusted_signer, None, limits=self.limits).manifest
+        if m0.uses_envelopes and envelope is None:
+            envelope = self._bundle_envelope(src, m0)
+        check_recipient(m0, self.fingerprint, envelope)
         rec = state["models"].get(m0.name, {}).get("versions", {}).get(str(m0.version))
         if rec and rec.get("package_id") == m0.package_id \
                 and (self.ctx.store / rec["package"]).exists():
@@ -531,13 +585,15 @@ class Store:
             o = verify_rollback_order(order, self.trusted_signer, self.fingerprint,
                                       self.model_state(m0.name, state), clock)
             allowance = o.allowance()
-        m, pkg_sha, stored = self._verify_into_store(src, owned, state, allowance)
+        m, pkg_sha, stored = self._verify_into_store(src, owned, state, allowance, envelope)
         st = state["models"].setdefault(m.name, {"kind": m.kind, "floor": 0,
                                                  "sequence": 0, "versions": {}})
         st["versions"][str(m.version)] = {
             "package": stored, "package_sha256": pkg_sha, "package_id": m.package_id,
             "payload_sha256": m.sha256, "size": m.size, "staged": _now(),
             "floor_before": int(st["floor"]), "signer": m.signer}
+        if m.uses_envelopes and envelope is not None:  # verified with the package above
+            st["versions"][str(m.version)]["envelope"] = base64.b64encode(envelope).decode()
         st.get("deleted", {}).pop(str(m.version), None)
         st["floor"] = max(int(st["floor"]), m.version)
         st["sequence"] = max(int(st["sequence"]), m.sequence)
@@ -565,7 +621,8 @@ class Store:
         return None
 
     def _verify_into_store(self, src: Path, owned: bool, state: dict[str, Any],
-                           allowance: RollbackAllowance | None) -> tuple[Manifest, str, str]:
+                           allowance: RollbackAllowance | None, envelope: bytes | None
+                           ) -> tuple[Manifest, str, str]:
         """Verify ``src`` into ``store/<sha256>.fpkg``: moved when ``owned`` (falls back to
         a copy across filesystems), copied otherwise. The temp file never survives a
         failure; OS errors become :class:`DiskFullError` / :class:`StoreError`."""
@@ -582,9 +639,9 @@ class Store:
         h = hashlib.sha256()
         try:
             if moved:
-                m = self._verify(tmp, state, allowance, h.update)
+                m = self._verify(tmp, state, allowance, h.update, envelope)
             else:
-                m = self._verify_copy(src, tmp, state, allowance, h)
+                m = self._verify_copy(src, tmp, state, allowance, h, envelope)
             _crash_point("stage:written")
             name = f"{h.hexdigest()}.fpkg"
             os.replace(tmp, store / name)
@@ -600,7 +657,7 @@ class Store:
 
     def _verify(self, path: Path, state: dict[str, Any],
                 allowance: RollbackAllowance | None,
-                keep: Any) -> Manifest:
+                keep: Any, envelope: bytes | None) -> Manifest:
         """Every check on the package at ``path``; ``keep`` sees every stored byte."""
         def check(m: Manifest) -> None:
             self._base_check(m)
@@ -608,17 +665,18 @@ class Store:
         return decrypt_package(path, self.trusted_signer, self.device_key,
                                installed_state=self._states(state), write=None,
                                on_header=keep, on_ciphertext=keep, limits=self.limits,
-                               allowance=allowance, check_manifest=check)
+                               allowance=allowance, check_manifest=check, envelope=envelope)
 
     def _verify_copy(self, src: Path, tmp: Path, state: dict[str, Any],
-                     allowance: RollbackAllowance | None, h: Any) -> Manifest:
+                     allowance: RollbackAllowance | None, h: Any,
+                     envelope: bytes | None) -> Manifest:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
             def keep(view: memoryview | bytes) -> None:
                 h.update(view)
                 out.write(view)
 
-            m = self._verify(src, state, allowance, keep)
+            m = self._verify(src, state, allowance, keep, envelope)
             out.flush()
             os.fsync(out.fileno())
         return m
@@ -716,8 +774,10 @@ class Store:
             if slot is None:
                 raise errors.NoActiveModelError(f"no active version of {name}", name=name)
             version = slot.version
-        path = self._package_path(name, version)
-        key = self._key_for(self.manifest(name, version))
+        state = self._load_state()
+        path = self._package_path(name, version, state)
+        envelope = self._stored_envelope(name, version, state)
+        key = self._key_for(self.manifest(name, version), envelope)
         with open_in_memory(path, self._known_keys(), key, as_dir=as_dir,
-                            limits=self.limits) as opened:
+                            limits=self.limits, envelope=envelope) as opened:
             yield opened

@@ -91,8 +91,10 @@ def _write_all(fd: int, view: memoryview, path: str) -> None:
 @contextlib.contextmanager
 def open_in_memory(package: str | os.PathLike[str], trusted_signer: Signers,
                    device_key: ec.EllipticCurvePrivateKey, *, as_dir: bool = False,
-                   limits: Limits | None = None) -> Iterator[OpenedPayload]:
-    """Verify and decrypt ``package``; yield its files as memory paths; close on exit."""
+                   limits: Limits | None = None, envelope: bytes | None = None
+                   ) -> Iterator[OpenedPayload]:
+    """Verify and decrypt ``package``; yield its files as memory paths; close on exit.
+    ``envelope``: the device's key envelope (format-2 packages; kept by the store)."""
     if not as_dir and not hasattr(os, "memfd_create"):
         raise errors.StoreError("memfd_create is not available on this OS; use as_dir")
     fds: dict[str, int] = {}
@@ -113,7 +115,8 @@ def open_in_memory(package: str | os.PathLike[str], trusted_signer: Signers,
         _write_all(fd, view, path)
 
     try:
-        m = decrypt_package(package, trusted_signer, device_key, write=write, limits=limits)
+        m = decrypt_package(package, trusted_signer, device_key, write=write, limits=limits,
+                            envelope=envelope)
         paths: dict[str, str] = {}
         for f in m.files:
             if f.path not in fds:  # an empty file got no write

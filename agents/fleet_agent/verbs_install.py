@@ -72,6 +72,8 @@ def _summary(name: str, version: int, digest: str, health: dict[str, Any],
             if pick else None,
             "median_ms": pick.get("median_ms") if pick else None, "cpu_median_ms": cpu_ms,
             "pick_reasons": health.get("pick_reasons"), "reference": health.get("reference"),
+            "emulated": health.get("emulated"),
+            "timings_representative": health.get("timings_representative", True),
             "candidates": [{k: c.get(k) for k in ("label", "status", "effective_backend",
                                                   "fell_back", "timing", "comparison",
                                                   "reasons", "role", "error", "crash")}
@@ -102,11 +104,16 @@ def _health(ctx: AgentContext, store: Any, name: str, version: int, args: dict[s
 
 
 def stage(ctx: AgentContext, args: dict[str, Any]) -> dict[str, Any]:
+    """``path``: the pushed package; ``envelope``: this device's key envelope (base64;
+    format-2 packages); ``order``, ``trust``, ``controller_time``: see Store.stage."""
+    from fleet.core.package.envelope import envelope_from_text
+
     path = args.get("path")
     if not path:
         raise errors.UsageError("stage needs 'path' (the pushed package)")
     staged = _store(ctx).stage(path, order=args.get("order"), trust=args.get("trust"),
-                               controller_time=args.get("controller_time"))
+                               controller_time=args.get("controller_time"),
+                               envelope=envelope_from_text(args.get("envelope")))
     with_remove = args.get("remove_incoming", True)
     if with_remove and Path(path).resolve().parent == ctx.incoming.resolve():
         Path(path).unlink(missing_ok=True)  # the verified copy lives in store/

@@ -3,6 +3,12 @@
 Two passes over the plaintext: the first hashes it (the digests go into the signed
 manifest, and the manifest's digest into every chunk), the second encrypts it. Memory
 stays at two chunk buffers; the files are checked for changes between the passes.
+
+The data key reaches each recipient in a per-device key envelope (format 2), written
+together into the bundle ``OUT.fpkg.envelopes`` beside the package: the package itself,
+and what every device downloads, do not grow with the number of recipients. The first
+form (format 1: every wrapped key inside the signed manifest, ~150 bytes per recipient)
+is still built on request (``envelopes=False``), for the test vectors and the scale bench.
 """
 
 from __future__ import annotations
@@ -19,10 +25,18 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fleet.core import errors
+from fleet.core.package.bundle import bundle_path, encode_bundle
 from fleet.core.package.canonical import parse_canonical
 from fleet.core.package.chunks import encrypt_chunks
+from fleet.core.package.envelope import key_commitment, seal_envelope
 from fleet.core.package.keyid import fingerprint_public_key
-from fleet.core.package.layout import encode_header, parse_header, read_header_bytes
+from fleet.core.package.layout import (
+    FORMAT_INLINE,
+    FORMAT_VERSION,
+    encode_header,
+    parse_header,
+    read_header_bytes,
+)
 from fleet.core.package.limits import DEFAULT_CHUNK_SIZE, Limits
 from fleet.core.package.manifest import FileEntry, Manifest
 from fleet.core.package.orders import default_sequence
@@ -87,10 +101,15 @@ def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, ve
                   chunk_size: int = DEFAULT_CHUNK_SIZE,
                   progress: Callable[[int], None] | None = None,
                   expires_in: timedelta = DEFAULT_PACKAGE_TTL,
-                  now: datetime | None = None) -> Manifest:
+                  now: datetime | None = None, envelopes: bool = True,
+                  limits: Limits | None = None) -> Manifest:
     """Write ``out`` (a ``.fpkg``) holding ``files`` (payload path, local file) for
     ``recipients``, signed with ``signing_key``; returns the manifest.
 
+    With ``envelopes`` (format 2, the default) each recipient's key envelope goes into
+    ``OUT.fpkg.envelopes`` (:func:`fleet.core.package.bundle_path`); without, format 1:
+    every wrapped key in the manifest, no bundle (refused with UsageError when that
+    manifest outgrows what devices accept, ``limits``: about 4,600 recipients at 1 MiB).
     ``progress`` is called with byte counts, twice per payload byte (hash, encrypt).
     ``sequence`` should come from the registry's counter (``fleet.artifacts.trust``);
     without one this low-level API falls back to milliseconds since the epoch. The
@@ -101,7 +120,7 @@ def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, ve
         raise errors.UsageError("a package needs at least one recipient device")
     if not Manifest.valid_name(name):
         raise errors.UsageError(f"bad package name {name!r} (letters, digits, . _ -)")
-    lim = Limits()
+    lim = limits or Limits()
     if not lim.min_chunk_size <= chunk_size <= lim.max_chunk_size:
         raise errors.UsageError(f"chunk size {chunk_size} out of bounds")
     stamps = [_stamp(Path(p)) for _, p in files]
@@ -115,6 +134,8 @@ def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, ve
         offset += size
     by_fp = {r.fingerprint: r for r in recipients}
     created = now or datetime.now(UTC)
+    data_key = os.urandom(32)
+    fmt = FORMAT_VERSION if envelopes else FORMAT_INLINE
     m = Manifest(
         package_id=secrets.token_hex(16), name=name, kind=kind, version=version,
         sequence=default_sequence() if sequence is None else sequence,
@@ -122,36 +143,66 @@ def build_package(files: Sequence[tuple[str, Path]], out: Path, *, name: str, ve
         sha256=total.hexdigest() if total is not None else entries[0].sha256,
         chunk_size=chunk_size, files=tuple(entries), entry=entry,
         signer=fingerprint_public_key(signing_key.public_key()), recipients={},
-        mnn=mnn_facts, golden=golden, base=base, expires=format_time(created + expires_in))
-    data_key = os.urandom(32)
+        mnn=mnn_facts, golden=golden, base=base, expires=format_time(created + expires_in),
+        format=fmt, key_commitment=key_commitment(data_key) if envelopes else None)
     digest = m.content_digest()
-    wrapped = {fp: wrap_data_key(data_key, r, digest) for fp, r in by_fp.items()}
-    m = dataclasses.replace(m, recipients=wrapped)
+    bundle: bytes | None = None
+    if envelopes:
+        bundle = encode_bundle(digest, (seal_envelope(data_key, r, digest)
+                                        for r in by_fp.values()))
+    else:
+        m = dataclasses.replace(m, recipients={fp: wrap_data_key(data_key, r, digest)
+                                               for fp, r in by_fp.items()})
     try:
         manifest_bytes = m.to_bytes()
         m = Manifest.from_dict(parse_canonical(manifest_bytes))  # same checks as a device
     except errors.FormatError as exc:
         raise errors.UsageError(f"cannot build package: {exc.message}", **exc.details) from exc
-    header = encode_header(manifest_bytes, signing_key.sign(manifest_bytes))
-    header_digest = parse_header(header).header_digest
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    if len(manifest_bytes) > lim.max_manifest_bytes:
+        raise errors.UsageError(
+            f"the manifest for {len(by_fp)} recipients is {len(manifest_bytes)} bytes, over "
+            f"the {lim.max_manifest_bytes} devices accept (format 1 lists every wrapped key; "
+            "build with key envelopes)", size=len(manifest_bytes),
+            limit=lim.max_manifest_bytes, recipients=len(by_fp))
+    header = encode_header(manifest_bytes, signing_key.sign(manifest_bytes), fmt)
+    _write(Path(out), header, bundle, files, stamps, data_key, m, progress, lim)
+    return m
+
+
+def _write(out: Path, header: bytes, bundle: bytes | None,
+           files: Sequence[tuple[str, Path]], stamps: list[tuple[int, int, int]],
+           data_key: bytes, m: Manifest, progress: Callable[[int], None] | None,
+           limits: Limits) -> None:
+    """Write the package (and its bundle) under temp names, then rename both into place:
+    the bundle first, so a package file never stands without its envelopes."""
+    header_digest = parse_header(header, limits).header_digest
+    tag = secrets.token_hex(4)
+    tmp = out.with_name(f".{out.name}.{tag}.tmp")
+    btmp = out.with_name(f".{out.name}.{tag}.envelopes.tmp")
     src = _Concat([Path(p) for _, p in files])
     try:
         with open(tmp, "wb") as dst:
             dst.write(header)
-            encrypt_chunks(src, dst, data_key, header_digest, m.size, chunk_size, progress)
+            encrypt_chunks(src, dst, data_key, header_digest, m.size, m.chunk_size, progress)
             dst.flush()
             os.fsync(dst.fileno())
         if [_stamp(Path(p)) for _, p in files] != stamps:
             raise errors.UsageError("an input file changed while it was being packaged")
+        if bundle is not None:
+            with open(btmp, "wb") as b:
+                b.write(bundle)
+                b.flush()
+                os.fsync(b.fileno())
+            os.replace(btmp, bundle_path(out))
+        else:
+            bundle_path(out).unlink(missing_ok=True)  # a format-1 package has none
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        btmp.unlink(missing_ok=True)
         raise
     finally:
         src.close()
-    return m
 
 
 def read_manifest(path: str | os.PathLike[str],

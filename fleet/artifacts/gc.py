@@ -29,6 +29,8 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
+from fleet.artifacts.envelopes import remove_package
+from fleet.core.package.bundle import bundle_path
 from fleet.home import FleetHome
 from fleet.registry import Artifact, Deployment, DeploymentStep, Registry
 from fleet.registry.models import DeploymentState, StepState
@@ -103,6 +105,9 @@ def plan_gc(home: FleetHome, reg: Registry, *, keep: int = DEFAULT_KEEP) -> GcPl
         if path.is_file() and _inside(path, folder) and path not in plan.delete:
             plan.delete.append(path)
             plan.bytes_freed += path.stat().st_size
+            bundle = bundle_path(path)
+            if bundle.is_file():
+                plan.bytes_freed += bundle.stat().st_size
     prepared = home.path / "cache" / "prepared"
     if prepared.is_dir():
         for entry in sorted(prepared.iterdir()):
@@ -130,7 +135,7 @@ def _prepared_files(entry: Path) -> set[str] | None:
 def apply_gc(plan: GcPlan) -> int:
     """Delete what ``plan`` lists; returns the bytes freed. Missing files are fine."""
     for path in plan.delete:
-        path.unlink(missing_ok=True)
+        remove_package(path)  # and its key envelope bundle
     for entry in plan.delete_prepared:
         shutil.rmtree(entry, ignore_errors=True)
     return plan.bytes_freed

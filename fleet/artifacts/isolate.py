@@ -14,6 +14,8 @@ every MNN load, conversion and run on the controller (``mnninfo.validate_mnn``,
 - the child's fd 1 points at fd 2 for its whole life: MNN prints its banner and lines such
   as ``getshape: unable to get variable info`` on C stdout, and the CLI's stdout carries
   ``--json``;
+- the child logs at the level the parent's ``fleet.mnn`` logger has (so ``fleet -v``
+  shows what MNN printed there too, on stderr, through :mod:`logging`);
 - the child writes no core file (``RLIMIT_CORE`` 0): a dump of a process holding a
   model is slow to write (seconds) and leaves the model's plaintext on disk;
 - ``timeout_s``: the child is killed after that many seconds and ``error`` says so.
@@ -36,6 +38,7 @@ results should be plain data (numpy arrays are fine).
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -75,13 +78,16 @@ def _signal_name(exitcode: int) -> str:
 
 
 def _child(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...],
-           kwargs: dict[str, Any]) -> None:
+           kwargs: dict[str, Any], log_level: int = logging.WARNING) -> None:
     """Child side: no core dump, stdout to stderr, call ``fn``, send the outcome."""
     with contextlib.suppress(ValueError, OSError):  # a crash writes no core file
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     sys.stdout.flush()
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    if log_level < logging.WARNING:  # the parent runs with -v: what MNN says is wanted
+        logging.basicConfig(level=log_level, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
     try:
         result: tuple[Any, ...] = ("ok", fn(*args, **kwargs))
     except FleetError as exc:
@@ -113,7 +119,8 @@ def run_isolated(fn: Callable[..., T], *args: Any, what: str, error: type[FleetE
     """
     ctx = _context()
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child_end, fn, args, kwargs), daemon=True)
+    level = logging.getLogger("fleet.mnn").getEffectiveLevel()
+    proc = ctx.Process(target=_child, args=(child_end, fn, args, kwargs, level), daemon=True)
     sys.stdout.flush()
     proc.start()
     child_end.close()

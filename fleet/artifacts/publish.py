@@ -9,12 +9,15 @@ sends nothing), else one more than the highest; ``--version N`` takes N, and ref
 when ``name@N`` holds another digest. ``use_package`` takes a ready ``.fpkg`` instead
 (``fleet deploy x.fpkg``), under the same rule. A full or read-only package cache raises
 the registry's RegistryFullError / RegistryReadOnlyError, not a bare OSError.
+
+Recipients: a format-2 package's devices are those of its envelope bundle
+(``PACKAGE.fpkg.envelopes``, :mod:`fleet.artifacts.envelopes`), which travels with the
+package file wherever it is moved or copied; a format-1 package's are in its manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +31,7 @@ from sqlmodel import select
 
 from fleet.artifacts import sources
 from fleet.artifacts.build import build_package, read_manifest
+from fleet.artifacts.envelopes import move_package, package_recipients, remove_package
 from fleet.artifacts.keys import load_signing_key
 from fleet.artifacts.prepare import PreparedPayload
 from fleet.artifacts.recipients import recipients_of, require_enrolled
@@ -133,9 +137,10 @@ def build(home: FleetHome, reg: Registry, payload: PreparedPayload, devices: Seq
                         version=version).version
     want = {d.fingerprint for d in devices}
     for art in sorted(same, key=lambda a: a.created_at, reverse=True):
-        have = set((art.manifest.get("recipients") or {}).keys())
-        if art.version == ver and (have == want if exact_recipients else want <= have) \
-                and _fresh(art):
+        if art.version != ver or not _fresh(art):
+            continue
+        have = package_recipients(art.path, art.manifest or {})
+        if have is not None and (have == want if exact_recipients else want <= have):
             say(f"reusing package {Path(art.path).name} ({payload.name}@{ver})")
             return BuiltPackage(art.name, art.version, art.kind, Path(art.path),
                                 art.package_sha256, art.digest, art.size, art.id,
@@ -154,7 +159,7 @@ def build(home: FleetHome, reg: Registry, payload: PreparedPayload, devices: Seq
                               sequence=next_sequence(reg), expires_in=package_ttl())
             pkg_sha = sha256_file(out)
             final = home.artifacts_dir / f"{payload.name}-{ver}-{pkg_sha[:12]}.fpkg"
-            shutil.move(str(out), final)
+            move_package(out, final)
     manifest = m.to_dict()
     try:
         art, _ = record_package(reg, name=payload.name, kind=payload.kind, version=ver,
@@ -162,7 +167,7 @@ def build(home: FleetHome, reg: Registry, payload: PreparedPayload, devices: Seq
                                 size=final.stat().st_size, path=str(final),
                                 manifest=manifest)
     except BaseException:
-        final.unlink(missing_ok=True)  # not recorded: no orphan file in the cache
+        remove_package(final)  # not recorded: no orphan file in the cache
         raise
     return BuiltPackage(payload.name, ver, payload.kind, final, pkg_sha, m.sha256,
                         final.stat().st_size, art.id, manifest)
@@ -170,12 +175,18 @@ def build(home: FleetHome, reg: Registry, payload: PreparedPayload, devices: Seq
 
 def use_package(home: FleetHome, reg: Registry, source: Path, devices: Sequence[Device]
                 ) -> BuiltPackage:
-    """A ready ``.fpkg``: its recipients must include every device (NotRecipientError),
-    and its ``name@version`` must not hold another digest in the registry (DuplicateError).
-    """
+    """A ready ``.fpkg``: its recipients must include every device (NotRecipientError; a
+    format-2 package's are in ``SOURCE.envelopes`` beside it, MissingEnvelopeError when that
+    is gone), and its ``name@version`` must not hold another digest in the registry
+    (DuplicateError)."""
     manifest: Manifest = read_manifest(sources.regular_file(source, "package"),
                                        trusted_keys(home))
-    not_for = [d.name for d in devices if d.fingerprint not in manifest.recipients]
+    have = package_recipients(source, manifest.to_dict())
+    if have is None:
+        raise errors.MissingEnvelopeError(
+            f"package {source.name} came without its key envelopes ({source.name}.envelopes "
+            "beside it); copy both files, or package the model again", path=str(source))
+    not_for = [d.name for d in devices if d.fingerprint not in have]
     if not_for:
         raise errors.NotRecipientError(
             f"package {source.name} was not made for: {', '.join(not_for)}; package the model "

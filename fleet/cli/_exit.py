@@ -33,6 +33,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     errors.RegistryFullError: 23,
     errors.RegistryBusyError: 24,
     errors.RegistryIOError: 25,
+    errors.NoTargetsError: 26,
 }
 #: a fan-out where some devices failed (the table says which)
 PARTIAL_FAILURE = EXIT_CODES[errors.PartialFailureError]

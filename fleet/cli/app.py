@@ -1,7 +1,11 @@
 """``fleet``: the controller CLI. Subcommand groups live in their own modules.
 
 Every :class:`fleet.core.errors.FleetError` that escapes a command is printed on stderr as one
-line and becomes the exit code from the single table in :mod:`fleet.cli._exit`.
+line and becomes the exit code from the single table in :mod:`fleet.cli._exit`; with
+``--json`` (``-o json``/``yaml``) stdout carries it too, as ``{"error": {"code", "message",
+"exit"}}``, and so does a command line click refuses (exit 2, code ``usage``). The root
+also gives every command ``-o/--output`` (:mod:`fleet.cli._options`), sets the output
+format (:mod:`fleet.cli._output`) and the logging (``-v``, :mod:`fleet.cli._logging`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import typer.main
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from fleet.cli import _output
 from fleet.cli._ctx import CliState, set_state
-from fleet.cli._exit import exit_code_for
-from fleet.cli._output import err
+from fleet.cli._exit import EXIT_CODES, exit_code_for
+from fleet.cli._options import adorn, requested_format, tidy_help
+from fleet.cli._output import err, error_document
 from fleet.core import errors
 from fleet.home import FleetHome
 
@@ -48,17 +54,60 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "audit": (("fleet.cli.cmd_audit",),
               "Per device: configured vs effective vs recommended backend, findings."),
     "reports": (("fleet.cli.cmd_audit",), "A device's stored reports, newest first."),
+    "report": (("fleet.cli.cmd_report",),
+               "The fleet as one offline HTML page with plots (--html), or CSV tables."),
     "lora": (("fleet.cli.cmd_lora",), "LoRA adapters: package, push, hot-swap, roll back."),
     "gc": (("fleet.cli.cmd_gc",),
            "Delete built packages no device needs (the devices' keep policy)."),
     "lab": (("fleet.cli.cmd_lab",), "The virtual device lab: boards, phones, faults."),
+    "server": (("fleet.cli.cmd_server",),
+               "The device API that pull-mode devices poll (HTTPS; init-tls makes its CA)."),
+    "worker": (("fleet.cli.cmd_worker",),
+               "Farm hosts: run the worker of one host's devices, or list the workers."),
 }
 
 
+def _click_exception_class() -> Any:
+    from typer._click.exceptions import ClickException  # typer vendors click
+
+    return ClickException
+
+
+def _click_error(exc: Any) -> dict[str, Any]:
+    """The document of an error click raised: ``usage`` (exit 2) for a command line it
+    refuses (bad option, missing argument), ``cli`` for its other errors."""
+    from typer._click.exceptions import UsageError
+
+    code = int(getattr(exc, "exit_code", 2))
+    return error_document("usage" if isinstance(exc, UsageError) else "cli",
+                          exc.format_message(), code)
+
+
+def _exit_word(code: int) -> str:
+    """The stable error code of a bare exit status (a Ctrl-C, a "no" at a prompt, a
+    command that ends with a failure it has already printed)."""
+    if code == 130:
+        return "interrupted"
+    if code == 1:
+        return "aborted"
+    for cls, n in EXIT_CODES.items():
+        if n == code:
+            return str(getattr(cls, "code", "exit"))
+    return "exit"
+
+
 class _FleetGroup(TyperGroup):
-    """The root group: lazy subcommands, and FleetError -> one line + exit code."""
+    """The root group: lazy subcommands, the options every command gets, and errors
+    (FleetError -> one line + exit code; under ``--json`` a document on stdout too)."""
 
     _listing = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            tidy_help(p)
+        for command in self.commands.values():  # built by typer from modules loaded already
+            adorn(command)
 
     def list_commands(self, ctx: Any) -> list[str]:
         extra = [n for n in super().list_commands(ctx) if n not in COMMANDS]
@@ -74,6 +123,7 @@ class _FleetGroup(TyperGroup):
         for module in modules:
             importlib.import_module(module)
         command = _click_command_for(cmd_name)
+        adorn(command)
         self.add_command(command, cmd_name)
         return command
 
@@ -84,14 +134,57 @@ class _FleetGroup(TyperGroup):
         finally:
             self._listing = False
 
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        _output.begin(requested_format(argv))
+        try:
+            return super().main(argv, *rest, **kwargs)
+        finally:
+            _output.begin(deferring=False)  # nothing of this command line is kept
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _click_exception_class() as exc:  # the root's own options: before invoke
+            _output.finish(_click_error(exc))
+            raise
+
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
         except errors.FleetError as exc:
+            code = exit_code_for(exc)
+            _output.finish(error_document(exc.code, exc.message, code))
             # the message may carry device text: printed as text, never as markup
             err.print(f"[bold red]error:[/] {escape(str(exc.message))}", highlight=False,
                       markup=True, soft_wrap=True)  # one line, whatever the terminal width
-            raise typer.Exit(exit_code_for(exc)) from exc
+            raise typer.Exit(code) from exc
+        except _click_exception_class() as exc:
+            _output.finish(_click_error(exc))
+            raise
+        except typer.Exit as exc:
+            code = int(exc.exit_code or 0)
+            _output.finish(error_document(_exit_word(code), f"stopped with exit status {code}",
+                                          code) if code else None)
+            raise
+        except typer.Abort:
+            _output.finish(error_document("aborted", "aborted", 1))
+            raise
+        except KeyboardInterrupt:
+            _output.finish(error_document("interrupted", "interrupted (Ctrl-C)", 130))
+            raise
+        except Exception as exc:  # a bug, or a library error nothing mapped: still one line
+            import logging  # only now: `fleet --help` does not pay for it
+
+            logging.getLogger("fleet.cli").info("internal error", exc_info=True)
+            first = (str(exc).strip().splitlines() or [""])[0][:500]
+            message = f"internal error: {type(exc).__name__}: {first}".rstrip(": ")
+            _output.finish(error_document("internal", message, 1))
+            err.print(f"[bold red]error:[/] {escape(message)} (fleet -v ... shows the "
+                      "traceback)", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from exc
+        _output.finish()
+        return rv
 
 
 def _click_command_for(name: str) -> Any:
@@ -112,10 +205,22 @@ def _click_command_for(name: str) -> Any:
 
 # Plain (click) help: typer's Rich help pulls in rich.markdown and friends, a third of a
 # cold `fleet --help` (bench/bench_cli.py); plain help also pipes cleanly.
-app = typer.Typer(name="fleet", cls=_FleetGroup, no_args_is_help=True, add_completion=False,
+app = typer.Typer(name="fleet", cls=_FleetGroup, no_args_is_help=True, add_completion=True,
                   rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Deploy MNN models to a fleet of phones and boards, and audit them.",
+                  help="""Deploy MNN models to a fleet of phones and boards, and audit them.
+
+Data goes to stdout (-o json|yaml|wide|tsv, --json), progress and logs to stderr
+(-v, -vv for more). Exit codes: README, "Commands".
+
+Examples:
+
+\b
+  fleet init && fleet keys init
+  fleet device add local://pixel7?root=/tmp/pixel7 --name pixel7
+  fleet deploy model.onnx --group phones
+  fleet device list -o wide | less -S
+  fleet --install-completion""",
                   pretty_exceptions_enable=False)
 
 
@@ -135,7 +240,14 @@ def _root(
                                            help="SQLAlchemy URL of the registry.")] = None,
     _version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
                                            help="Print mnn-fleet's version and exit.")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True, show_default=False,
+        help="Show the libraries' logs: -v (info, with paramiko's errors and MNN's "
+             "output), -vv (debug).")] = 0,
 ) -> None:
+    from fleet.cli._logging import configure
+
+    configure(verbose)
     set_state(CliState(home=FleetHome.from_env(home, db)))
 
 

@@ -37,25 +37,41 @@ def bootstrap_cmd(
                                            "installed agent.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Build (once) and push a wheelhouse, make a venv on the device, install, check."""
-    from fleet.bootstrap import bootstrap, build_wheelhouse, wheelhouse_from_dir
+    """Build (once) and push a wheelhouse, make a venv on the device, install, check.
+
+    Examples:
+
+    \b
+      fleet device bootstrap pi4
+      fleet device bootstrap pi4 --wheelhouse ./wheels-aarch64
+    """
+    from fleet.bootstrap import Wheelhouse, bootstrap, wheelhouse_for, wheelhouse_from_dir
+    from fleet.bootstrap_board import ask_board
     from fleet.connect import device_session
     from fleet.rollout.fanout import call_each
 
     home = state().home
     reg = Registry.open(home)
     dev = reg.get_device(name)
-    house = wheelhouse_from_dir(wheelhouse) if wheelhouse else build_wheelhouse(
-        cache or home.path / "wheelhouse", rebuild=rebuild,
-        log=lambda m: err.print(m, highlight=False, markup=False))
-    if house.build_s:
-        err.print(f"wheelhouse built in {house.build_s:.1f}s ({len(house.wheels)} wheels)")
+    given = wheelhouse_from_dir(wheelhouse) if wheelhouse else None
+    houses: list[Wheelhouse] = []
+
+    def log(m: str) -> None:
+        err.print(m, highlight=False, markup=False)
 
     def task(d: Device, ctx: TaskContext) -> BootstrapResult:
         with device_session(home, d, ctx) as agent:
+            # the board says what it runs (machine, CPython ABI, glibc); the wheelhouse is
+            # made for exactly that (cross-built for another architecture)
+            board = ask_board(agent.transport, python, device=d.name)
+            house = given or wheelhouse_for(cache or home.path / "wheelhouse", board,
+                                            rebuild=rebuild, log=log)
+            houses.append(house)
+            if house.build_s:
+                err.print(f"wheelhouse for {house.tag} built in {house.build_s:.1f}s "
+                          f"({len(house.wheels)} wheels)")
             return bootstrap(agent.transport, d.name, house, venv=venv, agent_root=agent.root,
-                             python=python, keep_wheels=keep_wheels,
-                             log=lambda m: err.print(m, highlight=False, markup=False))
+                             python=python, keep_wheels=keep_wheels, log=log, board=board)
 
     # installing is not idempotent halfway: no retries; pip over a slow link takes time
     outcome = call_each([dev], task, workers=1, deadline_s=1800.0, retries=0)
@@ -66,7 +82,8 @@ def bootstrap_cmd(
         reg.update_device(name, agent_cmd=result.agent_cmd,
                           agent_version=result.agent_status.get("agent_version"))
     data = asdict(result)
-    data["wheelhouse_build_s"] = round(house.build_s, 1)
+    data["wheelhouse_build_s"] = round(houses[0].build_s, 1) if houses else 0.0
+    data["wheelhouse_tag"] = houses[0].tag if houses else None
     emit(data, as_json=as_json,
          render=lambda c: c.print(
              f"{name}: agent {result.agent_status.get('agent_version')} installed in "

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from fleet.artifacts.gc import DEFAULT_KEEP, apply_gc, plan_gc
 from fleet.cli._ctx import state
-from fleet.cli._output import emit, table
+from fleet.cli._output import emit, human_bytes, table
 from fleet.cli.app import app
 from fleet.registry import Registry
 
@@ -39,6 +39,6 @@ def gc(
                       [(n, ", ".join(map(str, v))) for n, v in sorted(plan.keep.items())]))
         verb = "would free" if dry_run else "freed"
         c.print(f"{len(plan.delete)} package(s), {len(plan.delete_prepared)} prepared "
-                f"payload(s): {verb} {plan.bytes_freed / (1 << 20):.1f} MiB")
+                f"payload(s): {verb} {human_bytes(plan.bytes_freed)}")
 
     emit(data, as_json=as_json, render=render)

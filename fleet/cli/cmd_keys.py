@@ -23,7 +23,10 @@ from fleet.core import errors
 from fleet.home import FleetHome
 
 keys_app = typer.Typer(help="The root of trust (offline root key, root documents) and the "
-                            "online signing key (Ed25519, 0600, never in the registry).",
+                            "online signing key (Ed25519, 0600, never in the registry).\n\n"
+                            "Examples:\n\n\b\n"
+                            "  fleet keys init\n"
+                            "  fleet keys status",
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -83,7 +86,14 @@ def init(force: Annotated[bool, typer.Option(
                              "wiped and enrolled again).")] = False,
          yes: YesOpt = False, as_json: JsonOpt = False) -> None:
     """Make the offline root key, the online signing key and root v1 (what devices pin).
-    A home with a signing key but no root keeps the key (root v1 lists it)."""
+    A home with a signing key but no root keeps the key (root v1 lists it).
+
+    Examples:
+
+    \b
+      fleet keys init
+      fleet keys init --force --yes
+    """
     home = state().home
     if force:
         confirm("replace the root of trust (every enrolled device will refuse this "
@@ -97,7 +107,13 @@ def init(force: Annotated[bool, typer.Option(
 
 @keys_app.command("show")
 def show(as_json: JsonOpt = False) -> None:
-    """Print the signing key's public part and fingerprint, and the root of trust."""
+    """Print the signing key's public part and fingerprint, and the root of trust.
+
+    Examples:
+
+    \b
+      fleet keys show --json
+    """
     data = _key_data(state().home)
     emit(data, as_json=as_json, render=_render(data))
 
@@ -105,7 +121,13 @@ def show(as_json: JsonOpt = False) -> None:
 @keys_app.command("rotate")
 def rotate(yes: YesOpt = False, as_json: JsonOpt = False) -> None:
     """New online signing key; root vN+1 (signed by the root key) lists it and keeps the
-    old key as retiring. Devices get the new root with the next deploy or enroll."""
+    old key as retiring. Devices get the new root with the next deploy or enroll.
+
+    Examples:
+
+    \b
+      fleet keys rotate --yes
+    """
     home = state().home
     confirm("rotate the online signing key", yes)
     reg = _registry(home)
@@ -119,7 +141,13 @@ def rotate(yes: YesOpt = False, as_json: JsonOpt = False) -> None:
 @keys_app.command("revoke")
 def revoke(fingerprint: str, yes: YesOpt = False, as_json: JsonOpt = False) -> None:
     """Root vN+1 without FINGERPRINT (as `fleet keys show` prints it): devices refuse what
-    it signs once they have that root (next deploy or enroll)."""
+    it signs once they have that root (next deploy or enroll).
+
+    Examples:
+
+    \b
+      fleet keys revoke SHA256:... --yes
+    """
     home = state().home
     confirm(f"revoke {fingerprint}", yes)
     data = revoke_key(home, fingerprint)
@@ -130,7 +158,14 @@ def revoke(fingerprint: str, yes: YesOpt = False, as_json: JsonOpt = False) -> N
 
 @keys_app.command("status")
 def status(as_json: JsonOpt = False) -> None:
-    """Root version, online keys, and the root version each device holds (registry)."""
+    """Root version, online keys, and the root version each device holds (registry).
+
+    Examples:
+
+    \b
+      fleet keys status
+      fleet keys status -o wide
+    """
     home = state().home
     data = trust_status(home, _registry(home))
 

@@ -14,25 +14,21 @@ from rich.console import Console
 
 from fleet.cli._ctx import state
 from fleet.cli._output import emit, err, table
+from fleet.cli._targets import DeviceOpt, GroupOpt, SelectorOpt, Targets
 from fleet.cli.app import app
 from fleet.core import errors
-from fleet.registry import Device, Registry
+from fleet.registry import Registry
 
 if TYPE_CHECKING:
     from fleet.rollout.fanout import FleetResult
 
-lora_app = typer.Typer(help="LoRA adapters: package, push, hot-swap, roll back.",
+lora_app = typer.Typer(help="LoRA adapters: package, push, hot-swap, roll back.\n\n"
+                            "Examples:\n\n\b\n"
+                            "  fleet lora serve llm -g phones\n"
+                            "  fleet lora push a.fpkg -g phones --swap",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-GroupOpt = Annotated[list[str], typer.Option("--group", "-g", help="Target group (repeat).")]
-DeviceOpt = Annotated[list[str], typer.Option("--device", "-d", help="Target device (repeat).")]
-
-
-def _targets(reg: Registry, group: list[str], device: list[str]) -> list[Device]:
-    from fleet.cli.cmd_deploy import targets
-
-    return targets(reg, group, device)
 
 
 def _render_rows(title: str) -> Any:
@@ -50,17 +46,19 @@ def _rows(result: FleetResult[dict[str, Any]]) -> list[dict[str, Any]]:
              "error": o.error.to_dict() if o.error else None} for o in result]
 
 
-def _run(verb: str, args: dict[str, Any], group: list[str], device: list[str], *,
+def _run(verb: str, args: dict[str, Any], targets: Targets, *,
          pack: Path | None = None, as_json: bool, title: str) -> None:
     from fleet.rollout.lora_push import lora_fanout
 
     home = state().home
     reg = Registry.open(home)
     try:
-        devs = _targets(reg, group, device)
-        result = lora_fanout(home, reg, devs, verb, args, pack=pack,
-                             on_state=lambda d, s: err.print(f"{d}: {s}", highlight=False,
-                                                             markup=False))
+        devs = targets.resolve(reg)
+        from fleet.cli._progress import fanout_progress  # the phase lines of every fan-out
+
+        with fanout_progress(len(devs)) as prog:
+            result = lora_fanout(home, reg, devs, verb, args, pack=pack,
+                                 on_state=prog.on_state)
     finally:
         reg.close()
     rows = _rows(result)
@@ -81,18 +79,30 @@ def package(
                     ] = None,
     version: Annotated[int | None, typer.Option(help="Version (default: registry's + 1).")
                        ] = None,
-    targets: Annotated[list[str] | None, typer.Option(
-        "--for", help="Group or device (default: the base package's recipients).")] = None,
+    group: GroupOpt = [],  # noqa: B006 (typer reads the default)
+    device: DeviceOpt = [],  # noqa: B006
+    selector: SelectorOpt = [],  # noqa: B006
+    for_: Annotated[list[str], typer.Option(
+        "--for", hidden=True, help="Deprecated: a group or device (use -g/-d).")] = [],  # noqa: B006
     as_json: JsonOpt = False,
 ) -> None:
-    """Bind LORA to its base export, sign and encrypt it for the devices."""
+    """Bind LORA to its base export, sign and encrypt it for the target devices (default:
+    the base package's recipients).
+
+    Examples:
+
+    \b
+      fleet lora package lora.mnn --base llm@1 --reference ref.json -o a.fpkg
+    """
     from fleet.rollout.lora_push import build_lora_pack
 
+    tg = Targets.parse(group, device, selector, either=for_)
     home = state().home
     reg = Registry.open(home)
     try:
+        devices = tg.resolve(reg) if tg.named else None
         data = build_lora_pack(home, reg, lora, base=base, reference=reference, out=out,
-                               name=name, version=version, targets=targets or None)
+                               name=name, version=version, devices=devices)
     finally:
         reg.close()
     if not data["reference"]:
@@ -107,15 +117,38 @@ def push(
     pack: Annotated[Path, typer.Argument(help="A pack from `fleet lora package`.")],
     group: GroupOpt = [],  # noqa: B006 (typer reads the default)
     device: DeviceOpt = [],  # noqa: B006
+    selector: SelectorOpt = [],  # noqa: B006
     swap: Annotated[bool, typer.Option("--swap", help="Serve it right after staging.")
                     ] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the pack (signature, recipients, base) against what each "
+                          "target last reported and print the plan; send nothing. Exit 17 "
+                          "when the plan refuses a device.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy PACK to the devices and stage it (verified, kept encrypted)."""
+    """Copy PACK to the devices and stage it (verified, kept encrypted).
+
+    Examples:
+
+    \b
+      fleet lora push a.fpkg -g phones --swap
+    """
+    tg = Targets.parse(group, device, selector)
     if not pack.is_file():
         raise errors.NotFoundError(f"no pack at {pack}", path=str(pack))
-    _run("lora add", {"swap": swap}, group, device, pack=pack, as_json=as_json,
-         title="lora push")
+    if dry_run:
+        from fleet.cli.cmd_deploy import emit_plan
+        from fleet.rollout.dryrun import preview_lora_push
+
+        home = state().home
+        reg = Registry.open(home)
+        try:
+            plan = preview_lora_push(home, pack, tg.resolve(reg))
+        finally:
+            reg.close()
+        emit_plan(plan.to_dict() | {"targets": tg.to_dict()}, as_json=as_json)
+        return
+    _run("lora add", {"swap": swap}, tg, pack=pack, as_json=as_json, title="lora push")
 
 
 @lora_app.command("swap")
@@ -123,18 +156,27 @@ def swap(
     name: Annotated[str, typer.Argument(help="Adapter NAME or NAME@VERSION; 'base' for none.")],
     group: GroupOpt = [],  # noqa: B006
     device: DeviceOpt = [],  # noqa: B006
+    selector: SelectorOpt = [],  # noqa: B006
     as_json: JsonOpt = False,
 ) -> None:
-    """Hot-swap the adapter the devices serve (checked on each device first)."""
+    """Hot-swap the adapter the devices serve (checked on each device first).
+
+    Examples:
+
+    \b
+      fleet lora swap adapter_a -g phones
+      fleet lora swap base -d pixel7
+    """
     from fleet.rollout.lora_push import parse_ref
 
+    tg = Targets.parse(group, device, selector)
     args: dict[str, Any]
     if name == "base":
         args = {"name": None}
     else:
         n, v = parse_ref(name)
         args = {"name": n, "version": v}
-    _run("lora swap", args, group, device, as_json=as_json, title="lora swap")
+    _run("lora swap", args, tg, as_json=as_json, title="lora swap")
 
 
 @lora_app.command("serve")
@@ -142,14 +184,23 @@ def serve(
     base: Annotated[str, typer.Argument(help="The deployed base model's name.")],
     group: GroupOpt = [],  # noqa: B006
     device: DeviceOpt = [],  # noqa: B006
-    threads: Annotated[int | None, typer.Option(help="Threads for the daemon.")] = None,
+    selector: SelectorOpt = [],  # noqa: B006
+    threads: Annotated[int | None, typer.Option(min=1, help="Threads for the daemon.")
+                       ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Make sure each device runs its serving daemon for BASE (started if not running)."""
+    """Make sure each device runs its serving daemon for BASE (started if not running).
+
+    Examples:
+
+    \b
+      fleet lora serve llm -g phones --threads 4
+    """
+    tg = Targets.parse(group, device, selector)
     args: dict[str, Any] = {"model": base}
     if threads:
         args["thread_num"] = threads
-    _run("lora serve", args, group, device, as_json=as_json, title="lora serve")
+    _run("lora serve", args, tg, as_json=as_json, title="lora serve")
 
 
 @lora_app.command("check")
@@ -158,18 +209,26 @@ def check(
                                                    "tokens expected for them.")],
     group: GroupOpt = [],  # noqa: B006
     device: DeviceOpt = [],  # noqa: B006
+    selector: SelectorOpt = [],  # noqa: B006
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a reference's prompts on the devices' daemons; say which outputs match it."""
+    """Run a reference's prompts on the devices' daemons; say which outputs match it.
+
+    Examples:
+
+    \b
+      fleet lora check adapter_a.ref.json -g phones
+    """
     import json
 
     from fleet.rollout.lora_push import lora_fanout
 
+    tg = Targets.parse(group, device, selector)
     ref = json.loads(reference.read_text())
     home = state().home
     reg = Registry.open(home)
     try:
-        result = lora_fanout(home, reg, _targets(reg, group, device), "lora generate",
+        result = lora_fanout(home, reg, tg.resolve(reg), "lora generate",
                              {"prompts": ref["prompts"],
                               "max_new_tokens": ref["max_new_tokens"]})
     finally:
@@ -191,37 +250,61 @@ def check(
 
 @lora_app.command("rollback")
 def rollback(group: GroupOpt = [], device: DeviceOpt = [],  # noqa: B006
+             selector: SelectorOpt = [],  # noqa: B006
              as_json: JsonOpt = False) -> None:
-    """Serve again the adapter each device served before its last swap."""
-    _run("lora swap", {"rollback": True}, group, device, as_json=as_json,
-         title="lora rollback")
+    """Serve again the adapter each device served before its last swap.
+
+    Examples:
+
+    \b
+      fleet lora rollback -g phones
+    """
+    _run("lora swap", {"rollback": True}, Targets.parse(group, device, selector),
+         as_json=as_json, title="lora rollback")
 
 
 @lora_app.command("remove")
 def remove(name: str, group: GroupOpt = [], device: DeviceOpt = [],  # noqa: B006
+           selector: SelectorOpt = [],  # noqa: B006
            as_json: JsonOpt = False) -> None:
-    """Stop serving adapter NAME (the base serves alone)."""
-    _run("lora remove", {"name": name}, group, device, as_json=as_json, title="lora remove")
+    """Stop serving adapter NAME (the base serves alone).
+
+    Examples:
+
+    \b
+      fleet lora remove adapter_a -d pixel7
+    """
+    _run("lora remove", {"name": name}, Targets.parse(group, device, selector),
+         as_json=as_json, title="lora remove")
 
 
 @lora_app.command("list")
 def list_(
     group: GroupOpt = [],  # noqa: B006
     device: DeviceOpt = [],  # noqa: B006
+    selector: SelectorOpt = [],  # noqa: B006
     live: Annotated[bool, typer.Option("--live", help="Ask the devices, not the registry.")
                     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Which adapter each device serves (registry), or what is staged there (--live)."""
+    """Which adapter each device serves (registry), or what is staged there (--live).
+
+    Examples:
+
+    \b
+      fleet lora list -g phones
+      fleet lora list -d pixel7 --live
+    """
     from fleet.rollout.lora_push import lora_state
 
+    tg = Targets.parse(group, device, selector)
     if live:
-        _run("lora list", {}, group, device, as_json=as_json, title="lora list")
+        _run("lora list", {}, tg, as_json=as_json, title="lora list")
         return
     home = state().home
     reg = Registry.open(home)
     try:
-        devs = (_targets(reg, group, device) if group or device else reg.list_devices())
+        devs = tg.resolve(reg, required=False)
         rows: list[dict[str, Any]] = [{"device": d.name, "bases": lora_state(reg, d)}
                                       for d in devs]
     finally:

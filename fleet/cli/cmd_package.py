@@ -1,30 +1,31 @@
-"""``fleet package MODEL --for GROUP|DEVICE... -o OUT.fpkg``: sign and encrypt a model.
+"""``fleet package MODEL -g G|-d D|-l SEL ... -o OUT.fpkg``: sign and encrypt a model.
 
 MODEL is whatever ``fleet deploy`` accepts (one path: :mod:`fleet.artifacts.prepare`
 then :mod:`fleet.artifacts.publish`): an ``.mnn``, an ONNX/TFLite model (converted and
 checked, ``--variant``), an MNN-LLM folder, a folder with ``--entry``, or with ``--kind
-lora --base BASE.fpkg`` a split LoRA. Recipients come from the registry: a ``--for`` value
-that names a group means its members, anything else a device. The default name follows
+lora --base BASE.fpkg`` a split LoRA. Recipients are the devices the target options
+select (:mod:`fleet.cli._targets`); the older ``--for NAME`` (a group if one is so named,
+else a device) still works and is hidden from the help. The default name follows
 the rule in ``docs/package-format.md``; the version is the registry's for the same
 payload, else one more than the highest of that name.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from fleet.cli._ctx import state
-from fleet.cli._output import emit, err, table
+from fleet.cli._output import emit, err, human_bytes, table
+from fleet.cli._targets import DeviceOpt, GroupOpt, SelectorOpt, Targets
 from fleet.cli.app import app
+from fleet.core import errors
 from fleet.registry import Registry
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -37,24 +38,26 @@ _PROGRESS_MIN = 8 << 20  # show a bar for payloads from 8 MiB
 
 @contextmanager
 def _byte_progress(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
-    if total < _PROGRESS_MIN:
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+    from fleet.cli._progress import byte_progress  # binary units, no "?" for unknowns
+
+    with byte_progress(total, label, minimum=_PROGRESS_MIN) as advance:
+        yield advance
 
 
 @app.command("package")
 def package(
     model: Annotated[Path, typer.Argument(help=".mnn, .onnx, .tflite, or a model folder.")],
-    targets: Annotated[list[str], typer.Option("--for", help="Group or device (repeat).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Package file to write.")],
+    group: GroupOpt = [],  # noqa: B006 (typer reads the default)
+    device: DeviceOpt = [],  # noqa: B006
+    selector: SelectorOpt = [],  # noqa: B006
+    for_: Annotated[list[str], typer.Option(
+        "--for", hidden=True, help="Deprecated: a group or device (use -g/-d).")] = [],  # noqa: B006
     name: Annotated[str | None, typer.Option(
         help="Model name (default: from the file name, see docs/package-format.md).")
                     ] = None,
-    version: Annotated[int | None, typer.Option(help="Version (default: registry's + 1).")
+    version: Annotated[int | None, typer.Option(min=1,
+                                                help="Version (default: registry's + 1).")
                        ] = None,
     kind: Annotated[str, typer.Option(help="model or lora.")] = "model",
     base: Annotated[Path | None, typer.Option(help="lora: the base model's .fpkg.")] = None,
@@ -67,13 +70,26 @@ def package(
     inputs: InputsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate MODEL, encrypt it for each target device, sign it."""
+    """Validate MODEL, encrypt it for each target device, sign it.
+
+    Examples:
+
+    \b
+      fleet package model.onnx -g phones -o model.fpkg --variant fp16
+      fleet package models/tiny/tiny.mnn -d pixel7 -o tiny.fpkg --json
+    """
+    from fleet.cli.cmd_deploy import check_variant
+
+    tg = Targets.parse(group, device, selector, either=for_)
+    check_variant(variant)
+    if kind not in ("model", "lora"):
+        raise errors.UsageError(f"--kind {kind!r}: model or lora")
     from fleet.artifacts import load_signing_key, read_manifest
     from fleet.artifacts.inputs import parse_input_shapes
     from fleet.artifacts.keys import public_pem
     from fleet.artifacts.prepare import PrepareOptions, prepare
     from fleet.artifacts.publish import build, prepared_cache_dir
-    from fleet.artifacts.recipients import resolve_recipients
+    from fleet.artifacts.recipients import require_enrolled
     from fleet.core.package.keyid import load_trusted_public_key
 
     home = state().home
@@ -83,7 +99,8 @@ def package(
         base_m = read_manifest(base, pub)
     reg = Registry.open(home)
     try:
-        devices = resolve_recipients(reg, targets)
+        devices = tg.resolve(reg)
+        require_enrolled(devices)
         with tempfile.TemporaryDirectory(prefix="fleet-package-") as tmp:
             payload = prepare(model, PrepareOptions(
                 work_dir=Path(tmp), name=name, kind=kind, variant=variant, golden=golden,
@@ -97,13 +114,12 @@ def package(
                               exact_recipients=True, progress=progress,
                               say=lambda m: err.print(m, highlight=False))
         if out.resolve() != built.path.resolve():
-            tmp_out = out.with_name(f".{out.name}.tmp")
-            shutil.copyfile(built.path, tmp_out)
-            tmp_out.replace(out)
+            from fleet.artifacts.envelopes import copy_package
+            copy_package(built.path, out)  # and its key envelopes, OUT.envelopes
     finally:
         reg.close()
     m = built.manifest
-    data = {"path": str(out), "name": built.name, "version": built.version,
+    data: dict[str, Any] = {"path": str(out), "name": built.name, "version": built.version,
             "kind": built.kind, "sequence": m.get("sequence"),
             "package_sha256": built.package_sha256, "payload_sha256": built.digest,
             "size": (m.get("payload") or {}).get("size"), "files": m.get("files"),
@@ -113,7 +129,7 @@ def package(
                            for d in devices]}
 
     def render(c: Console) -> None:
-        c.print(f"{out}: {built.name} v{built.version} ({data['size']} bytes, sha256 "
+        c.print(f"{out}: {built.name} v{built.version} ({human_bytes(data['size'])}, sha256 "
                 f"{built.digest[:16]}...) for {len(devices)} devices")
         c.print(table(None, ["device", "fingerprint"],
                       [(d.name, d.fingerprint) for d in devices]))

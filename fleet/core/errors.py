@@ -13,6 +13,7 @@ class with :func:`error_from_code`). Context lives in attributes, not in the mes
     │   │   └── UnknownSchemeError
     │   ├── RequestLimitError       a serve request past a bound (prompt, ids, connections)
     │   ├── NotFoundError           device / group / artifact / key not known
+    │   ├── NoTargetsError          the targets (-g/-d/-l) select no device
     │   ├── DuplicateError
     │   └── ModelError              model file is not usable (not MNN, conversion failed)
     │       ├── InvalidModelError
@@ -42,6 +43,9 @@ class with :func:`error_from_code`). Context lives in attributes, not in the mes
     │   │       ├── MailboxUnboundAnswerError  answer bound to another request
     │   │       ├── MailboxMalformedError      a field missing or of the wrong type
     │   │       └── MailboxForbiddenError      a verb or argument the mailbox never runs
+    │   │   └── ServerAuthError     the fleet server refused a device's credentials (pull)
+    │   │       └── EnrollTokenError  enrollment token unknown, used or expired
+    │   ├── RateLimitedError        the fleet server asks the device to slow down (retryable)
     │   ├── DeviceOfflineError
     │   ├── TransportTimeout
     │   ├── ConnectionLostError     dropped mid-operation (retryable)
@@ -57,6 +61,12 @@ class with :func:`error_from_code`). Context lives in attributes, not in the mes
     │   ├── BadSignatureError       signed by the trusted key, content changed after
     │   ├── NotRecipientError
     │   ├── WrongKeyError           the wrapped key does not open with this device key
+    │   ├── EnvelopeError           a per-device key envelope (format 2) is refused
+    │   │   ├── MissingEnvelopeError   a format-2 package came without its envelope
+    │   │   ├── EnvelopeFormatError    truncated, bad magic/version, not a P-256 point
+    │   │   ├── EnvelopeMismatchError  the envelope belongs to another package
+    │   │   └── KeyCommitmentError     it opens, to a data key the manifest does not
+    │   │                              commit to (forged with someone else's key)
     │   ├── ChunkAuthError          a chunk fails AES-GCM authentication
     │   ├── ChunkOrderError         a chunk authenticates, but at another index
     │   ├── TruncatedPayloadError
@@ -113,12 +123,17 @@ __all__ = [
     "DigestMismatchError",
     "DiskFullError",
     "DuplicateError",
+    "EnrollTokenError",
+    "EnvelopeError",
+    "EnvelopeFormatError",
+    "EnvelopeMismatchError",
     "ExpiredError",
     "FleetError",
     "FormatError",
     "HealthCheckError",
     "HostKeyError",
     "InvalidModelError",
+    "KeyCommitmentError",
     "KeyMaterialError",
     "LabError",
     "MailboxAuthError",
@@ -132,8 +147,10 @@ __all__ = [
     "MailboxUnboundAnswerError",
     "MailboxUnsignedError",
     "MalformedUriError",
+    "MissingEnvelopeError",
     "ModelError",
     "NoActiveModelError",
+    "NoTargetsError",
     "NotFoundError",
     "NotInitializedError",
     "NotRecipientError",
@@ -141,6 +158,7 @@ __all__ = [
     "PackageError",
     "PartialFailureError",
     "PlanError",
+    "RateLimitedError",
     "ReferenceMismatchError",
     "RegistryBusyError",
     "RegistryError",
@@ -156,6 +174,7 @@ __all__ = [
     "RolloutCancelledError",
     "RolloutError",
     "SchemaTooNewError",
+    "ServerAuthError",
     "SizeLimitError",
     "StoreError",
     "TrailingDataError",
@@ -223,6 +242,13 @@ class NotFoundError(UsageError):
 
 class DuplicateError(UsageError):
     code = "duplicate"
+
+
+class NoTargetsError(UsageError):
+    """Groups, devices and selectors that exist but select no device (a deploy-type
+    command refuses to do nothing; a listing prints an empty table)."""
+
+    code = "no_targets"
 
 
 class ModelError(UsageError):
@@ -322,6 +348,26 @@ class ChangedHostKeyError(HostKeyError):
 
 class AuthError(TransportError):
     code = "auth"
+
+
+class ServerAuthError(AuthError):
+    """Pull mode: the fleet server refused this device's token, challenge or signature
+    (``details.status`` is the HTTP status)."""
+
+    code = "server_auth"
+
+
+class EnrollTokenError(ServerAuthError):
+    """Pull mode: the enrollment token is unknown, already used or expired."""
+
+    code = "enroll_token"
+
+
+class RateLimitedError(TransportError):
+    """Pull mode: the fleet server answered 429; ``details.retry_after_s`` says when."""
+
+    code = "rate_limited"
+    retryable = True
 
 
 class DeviceOfflineError(TransportError):
@@ -437,6 +483,30 @@ class NotRecipientError(PackageError):
 
 class WrongKeyError(PackageError):
     code = "wrong_key"
+
+
+class EnvelopeError(PackageError):
+    """A per-device key envelope (package format 2, ``docs/package-format.md``) is refused.
+    An envelope for another device is :class:`NotRecipientError`; one whose wrap was edited
+    fails AES key unwrap: :class:`WrongKeyError`."""
+
+    code = "envelope"
+
+
+class MissingEnvelopeError(EnvelopeError):
+    code = "missing_envelope"
+
+
+class EnvelopeFormatError(EnvelopeError):
+    code = "envelope_format"
+
+
+class EnvelopeMismatchError(EnvelopeError):
+    code = "envelope_mismatch"
+
+
+class KeyCommitmentError(EnvelopeError):
+    code = "key_commitment"
 
 
 class ChunkAuthError(PackageError):

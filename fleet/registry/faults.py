@@ -6,13 +6,23 @@ storage, and scripts should get an exit code per kind of fault, as with transpor
 (httpx's ``map_httpcore_exceptions``):
 
     sqlite SQLITE_READONLY, SQLITE_PERM, CANTOPEN on a read-only mount,
-    PostgreSQL 25006, OSError EROFS/EACCES/EPERM           -> RegistryReadOnlyError
+    PostgreSQL 25006 (read-only transaction: a standby, default_transaction_read_only),
+    42501 (this login may not write), OSError EROFS/EACCES/EPERM     -> RegistryReadOnlyError
     sqlite SQLITE_FULL, IOERR on a (nearly) full disk,
-    PostgreSQL 53100, OSError ENOSPC/EDQUOT                  -> RegistryFullError
+    PostgreSQL 53100 (disk full), 53200/53400, OSError ENOSPC/EDQUOT -> RegistryFullError
     sqlite SQLITE_BUSY/LOCKED after the busy timeout,
-    PostgreSQL 55P03 (lock not available), 40P01 (deadlock)  -> RegistryBusyError
-    any other operational failure (disk I/O error, lost server connection) -> RegistryIOError
-    a missing table or column (a registry behind this code's schema)        -> RegistryError
+    PostgreSQL 55P03 (lock_timeout), 40001 (serialization failure),
+    40P01 (deadlock), 57014 (statement timeout)                      -> RegistryBusyError
+    PostgreSQL: server unreachable (refused, no socket, unknown host, connect timeout),
+    connection lost, server shutting down (57P01-57P03, class 08)    -> RegistryIOError
+    PostgreSQL: login refused (28000, 28P01, "password authentication failed"),
+    no such database (3D000)                                         -> RegistryError
+    any other operational failure (disk I/O error)                   -> RegistryIOError
+    a missing table or column (a registry behind this code's schema; sqlite's words,
+    PostgreSQL 42P01/42703)                                          -> RegistryError
+
+psycopg reports a failed connection with no SQLSTATE, only libpq's message, so those are
+told apart by its words (``connection refused``, ``password authentication failed``).
 
 Integrity errors (a UNIQUE constraint) and programming errors are not storage faults: they
 pass through unchanged, for the caller that expects them (or as the bug they are).
@@ -38,9 +48,20 @@ __all__ = ["map_registry_errors", "os_error_for", "read_only_fs", "registry_erro
 #: below this many free bytes an SQLite "disk I/O error" is a full disk, not a bad one
 _NEARLY_FULL = 256 * 1024
 
-_PG_READ_ONLY = {"25006"}
-_PG_FULL = {"53100", "53400"}
-_PG_BUSY = {"55P03", "40P01", "57014"}
+_PG_READ_ONLY = {"25006", "42501"}
+_PG_FULL = {"53100", "53200", "53400"}
+_PG_BUSY = {"55P03", "40001", "40P01", "57014"}
+_PG_SCHEMA = {"42P01", "42703"}
+_PG_LOGIN = {"28000", "28P01"}
+_PG_GONE = {"57P01", "57P02", "57P03"}
+#: libpq's words for a connection that never got to the server, or lost it
+_PG_UNREACHABLE = ("connection refused", "no such file or directory", "failed to resolve",
+                   "could not translate host", "timeout expired", "could not connect",
+                   "server closed the connection", "connection is lost",
+                   "connection is bad", "no route to host", "network is unreachable",
+                   "consuming input failed", "the database system is")
+_PG_AUTH = ("password authentication failed", "no password supplied",
+            "authentication failed", "no pg_hba.conf entry", "role ")
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -81,13 +102,20 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def _where(url: str) -> str:
+    """Where the registry is, for a message: the SQLite file, or ``database on host:port``
+    (no password) for a server."""
     path = sqlite_path(url)
     if path is not None:
         return str(path)
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
         return url
+    if parsed.get_backend_name() == "postgresql":
+        host = parsed.host or str(parsed.query.get("host") or "localhost")
+        port = parsed.port or parsed.query.get("port") or 5432
+        return f"{parsed.database or '?'} on {host}:{port}"
+    return parsed.render_as_string(hide_password=True)
 
 
 def _read_only(where: str, path: Path | None, **details: object) -> errors.RegistryReadOnlyError:
@@ -116,18 +144,61 @@ def registry_error_for(exc: BaseException, url: str) -> errors.RegistryError | N
     detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     if isinstance(orig, sqlite3.Error):
         return _from_sqlite(orig, where, path, detail)
-    pgcode = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
-    if pgcode in _PG_READ_ONLY:
-        return _read_only(where, None, reason=detail)
-    if pgcode in _PG_FULL:
-        return _full(where, reason=detail)
-    if pgcode in _PG_BUSY:
-        return errors.RegistryBusyError(
-            f"the registry {where} is locked by another fleet command; try again when it "
-            "finishes (nothing was written)", path=where, reason=detail)
+    if type(orig).__module__.startswith("psycopg"):
+        mapped = _from_postgres(orig, where, detail)
+        if mapped is not None:
+            return mapped
     if isinstance(exc, OperationalError):
         return errors.RegistryIOError(f"the registry {where} failed: {detail}", path=where,
                                       reason=detail)
+    return None
+
+
+def _libpq_reason(orig: BaseException) -> str:
+    """The part of libpq's message that says why (``Connection refused``,
+    ``password authentication failed for user "fleet"``), on one line."""
+    text = " ".join(str(orig).split())
+    for cut in ("failed: FATAL: ", "failed: "):
+        if cut in text:
+            text = text.rsplit(cut, 1)[1]
+            break
+    for hint in (" Is the server running",):
+        text = text.split(hint, 1)[0]
+    return text.removeprefix("FATAL: ").strip().rstrip(".")
+
+
+def _from_postgres(orig: BaseException, where: str, detail: str
+                   ) -> errors.RegistryError | None:
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    text = str(orig).lower()
+    if code in _PG_SCHEMA:
+        return errors.RegistryError(
+            f"the registry {where} does not have the tables this fleet expects ({detail}); "
+            "run `fleet init` to migrate it", path=where, reason=detail)
+    if code in _PG_READ_ONLY:
+        return _read_only(where, None, reason=detail)
+    if code in _PG_FULL:
+        return _full(where, reason=detail)
+    if code in _PG_BUSY:
+        return errors.RegistryBusyError(
+            f"the registry {where} stayed locked by another fleet command past the wait "
+            f"({detail}); try again when it finishes (nothing was written)", path=where,
+            reason=detail)
+    why = _libpq_reason(orig)
+    if code == "3D000" or (code is None and "database" in text and "does not exist" in text):
+        return errors.RegistryError(
+            f"the registry server has no database for {where} ({why}): create it "
+            "(createdb), then run `fleet init`", path=where, reason=why)
+    if code in _PG_LOGIN or (code is None and any(w in text for w in _PG_AUTH)):
+        return errors.RegistryError(
+            f"the registry server {where} refused the login ({why}): check the user and "
+            "password in FLEET_DB or registry.url in the home's config.toml", path=where,
+            reason=why)
+    if (code in _PG_GONE or (code or "").startswith("08")
+            or (code is None and any(w in text for w in _PG_UNREACHABLE))):
+        return errors.RegistryIOError(
+            f"cannot reach the registry server {where} ({why}): is PostgreSQL running "
+            "there? (nothing was written)", path=where, reason=why)
     return None
 
 
@@ -201,7 +272,10 @@ def map_registry_errors(url: str) -> Iterator[None]:
         if mapped is None:
             raise
         raise mapped from exc
-    except sqlite3.Error as exc:
+    except Exception as exc:  # the driver's own (sqlite3, psycopg), outside SQLAlchemy
+        if not (isinstance(exc, sqlite3.Error)
+                or type(exc).__module__.startswith("psycopg")):
+            raise
         mapped = registry_error_for(exc, url)
         if mapped is None:
             raise

@@ -8,13 +8,17 @@ A deployment's lease is read and written by :mod:`fleet.rollout.lease`; the stat
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func, insert, update
 from sqlmodel import Session, col, select
 
 from fleet.core import errors
-from fleet.registry.api import Registry
+from fleet.registry import facts
+from fleet.registry.api import IN_CHUNK, Registry, chunked
+from fleet.registry.db import serialize
 from fleet.registry.models import (
     Artifact,
     CapabilitySnapshot,
@@ -32,8 +36,10 @@ from fleet.registry.models import (
 from fleet.registry.types import utcnow
 
 __all__ = [
+    "StepChange",
     "add_report",
     "add_snapshot",
+    "cancel_unfinished",
     "create_deployment",
     "deployment_reports",
     "final_state",
@@ -48,6 +54,7 @@ __all__ = [
     "record_activation",
     "record_artifact",
     "record_attempt",
+    "record_steps",
     "reports_for",
     "reverting",
     "set_lora_state",
@@ -95,14 +102,13 @@ def create_deployment(reg: Registry, *, name: str, version: int | None, target: 
                          heartbeat_at=now if lease else None)
         s.add(dep)
         s.flush()
-        steps = {}
-        for d in devices:
-            st = DeploymentStep(deployment_id=dep.id, device_id=d.id,
-                                wave=(waves or {}).get(d.name))
-            s.add(st)
-            s.flush()
-            s.add(StepEvent(step_id=st.id, state=StepState.PENDING))
-            steps[d.name] = st
+        steps = {d.name: DeploymentStep(deployment_id=dep.id, device_id=d.id, updated_at=now,
+                                        wave=(waves or {}).get(d.name)) for d in devices}
+        if steps:  # bulk inserts (executemany), not one flush per device
+            s.execute(insert(DeploymentStep), [st.model_dump() for st in steps.values()])
+            s.execute(insert(StepEvent), [
+                {"id": uuid.uuid4(), "step_id": st.id, "state": StepState.PENDING, "at": now,
+                 "detail": {}} for st in steps.values()])
         return dep, steps
 
 
@@ -129,12 +135,19 @@ def set_step(reg: Registry, step_id: uuid.UUID, state: StepState, *,
                   done=done, detail=detail)
 
 
+def _step(s: Session, step_id: uuid.UUID) -> DeploymentStep:
+    """The step's row, locked (``FOR UPDATE``): its writers queue (PostgreSQL; SQLite's
+    BEGIN IMMEDIATE already serialised them), so ``attempts += 1`` loses no count."""
+    st = s.get(DeploymentStep, step_id, with_for_update=True)
+    if st is None:
+        raise errors.NotFoundError(f"no deployment step {step_id}", step=str(step_id))
+    return st
+
+
 def _set_step(s: Session, step_id: uuid.UUID, state: StepState, *, error_code: str | None,
               error_message: str | None, bytes_sent: int | None, attempt: bool, done: bool,
               detail: dict[str, Any]) -> None:
-    st = s.get(DeploymentStep, step_id)
-    if st is None:
-        raise errors.NotFoundError(f"no deployment step {step_id}", step=str(step_id))
+    st = _step(s, step_id)
     _apply(st, state, done=done)
     if error_code is not None or state is not StepState.FAILED:
         st.error_code = error_code
@@ -150,14 +163,60 @@ def _set_step(s: Session, step_id: uuid.UUID, state: StepState, *, error_code: s
     s.add(StepEvent(step_id=step_id, state=state, detail=ev_detail))
 
 
+@dataclass(frozen=True)
+class StepChange:
+    """One step's move for :func:`record_steps`: its new state, the event's detail, and
+    the error (None clears it) and bytes sent (None keeps them)."""
+
+    step_id: uuid.UUID
+    state: StepState
+    detail: dict[str, Any] = field(default_factory=dict)
+    error_code: str | None = None
+    error_message: str | None = None
+    bytes_sent: int | None = None
+    done: bool = False
+
+
+def record_steps(reg: Registry, changes: Sequence[StepChange]) -> int:
+    """Many steps' moves in one transaction (a farm worker's, or a dispatcher's, batch):
+    each step takes its state as :func:`set_step` would set it (timings from the
+    database's own ``started_at``/``finished_at``) and gets its event, in two executemany
+    statements whatever the batch's size. The UPDATE locks each row it changes, so two
+    writers of one step queue. Returns how many changes were written; an unknown step is
+    skipped by the UPDATE but its event fails the foreign key (IntegrityError, nothing
+    written)."""
+    if not changes:
+        return 0
+    t = DeploymentStep.__table__  # type: ignore[attr-defined]
+    now = utcnow()
+    stmt = (update(t).where(t.c.id == bindparam("b_id")).values(
+        state=bindparam("b_state"), updated_at=bindparam("b_now"),
+        started_at=func.coalesce(t.c.started_at, bindparam("b_start")),
+        finished_at=func.coalesce(bindparam("b_finish"), t.c.finished_at),
+        error_code=bindparam("b_code"), error_message=bindparam("b_message"),
+        bytes_sent=func.coalesce(bindparam("b_bytes"), t.c.bytes_sent)))
+    rows = [{"b_id": c.step_id, "b_state": StepState(c.state), "b_now": now,
+             "b_start": None if c.state is StepState.PENDING else now,
+             "b_finish": now if (c.done or StepState(c.state).terminal) else None,
+             "b_code": c.error_code, "b_message": c.error_message, "b_bytes": c.bytes_sent}
+            for c in changes]
+    events = [{"id": uuid.uuid4(), "step_id": c.step_id, "state": StepState(c.state),
+               "at": now, "detail": dict(c.detail) | ({"error_code": c.error_code,
+                                                       "error_message": c.error_message}
+                                                      if c.error_code else {})}
+              for c in changes]
+    with reg.session() as s:
+        s.connection().execute(stmt, rows)
+        s.execute(insert(StepEvent), events)
+    return len(changes)
+
+
 def record_attempt(reg: Registry, step_id: uuid.UUID, attempt_no: int) -> StepState:
     """A ``connecting`` event for one attempt; the step's state moves to ``connecting``
     only from ``pending``, so it keeps saying how far the device got (the reconcile table
     reads it). Returns that state."""
     with reg.session() as s:
-        st = s.get(DeploymentStep, step_id)
-        if st is None:
-            raise errors.NotFoundError(f"no deployment step {step_id}", step=str(step_id))
+        st = _step(s, step_id)
         if st.state is StepState.PENDING:
             _apply(st, StepState.CONNECTING, done=False)
         st.attempts += 1
@@ -180,6 +239,7 @@ def record_activation(reg: Registry, step_id: uuid.UUID, device: Device, body: d
         _add_report(s, device, "activate", body, deployment_id=deployment_id)
         if body.get("probe"):
             s.add(CapabilitySnapshot(device_id=device.id, probe=body["probe"]))
+        facts.note_activation(s, device.id, body)  # selectors: hw.*, model.NAME
         _set_step(s, step_id, StepState.OK, error_code=None, error_message=None,
                   bytes_sent=bytes_sent, attempt=False, done=True, detail=extra)
 
@@ -251,25 +311,20 @@ def finish_deployment(reg: Registry, deployment_id: uuid.UUID, *,
     ``interrupted`` while this process slept), that stands; a cancelled deployment's
     unfinished steps become ``cancelled``. Returns the deployment's state."""
     with reg.session() as s:
-        dep = s.get(Deployment, deployment_id)
+        dep = s.get(Deployment, deployment_id, with_for_update=True)  # vs cancel, reap
         if dep is None:
             raise errors.NotFoundError(f"no deployment {deployment_id}")
-        steps = list(s.exec(select(DeploymentStep)
-                            .where(DeploymentStep.deployment_id == deployment_id)).all())
         staged_done = not bool((dep.options.get("job") or {}).get("activate", True))
         holds = lease is None or (dep.lease_host, dep.lease_pid) == lease
         if dep.status is not DeploymentState.RUNNING or not holds:
             if dep.status is DeploymentState.CANCELLED:
-                for st in steps:
-                    if not st.state.terminal and not (staged_done and
-                                                      st.state is StepState.STAGED):
-                        _apply(st, StepState.CANCELLED, done=True)
-                        s.add(st)
-                        s.add(StepEvent(step_id=st.id, state=StepState.CANCELLED,
-                                        detail={"reason": "deployment cancelled"}))
+                cancel_unfinished(s, deployment_id, staged_is_done=staged_done)
             return DeploymentState(dep.status)
-        dep.status = final_state([StepState(st.state) for st in steps],
-                                 staged_is_done=staged_done, halted=halted_at is not None)
+        states = [StepState(x) for x in s.exec(  # distinct states: one aggregate query
+            select(DeploymentStep.state).where(DeploymentStep.deployment_id == deployment_id)
+            .distinct()).all()]
+        dep.status = final_state(states, staged_is_done=staged_done,
+                                 halted=halted_at is not None)
         dep.halted_at_wave = halted_at
         dep.status_reason = reason if dep.status is not DeploymentState.COMPLETED else None
         dep.finished_at = utcnow() if dep.status.finished else None
@@ -277,6 +332,28 @@ def finish_deployment(reg: Registry, deployment_id: uuid.UUID, *,
         dep.heartbeat_at = None
         s.add(dep)
         return DeploymentState(dep.status)
+
+
+def cancel_unfinished(s: Session, deployment_id: uuid.UUID, *, staged_is_done: bool,
+                      reason: str = "deployment cancelled") -> int:
+    """Every unfinished step of the deployment becomes ``cancelled``, each with its event,
+    in ``s``'s transaction: two statements (UPDATE and INSERT ... SELECT) whatever the
+    number of steps. ``staged_is_done``: a ``staged`` step counts as finished (a
+    ``--no-activate`` deployment). Returns how many steps changed."""
+    open_states = [x.value for x in StepState if not x.terminal
+                   and not (staged_is_done and x is StepState.STAGED)]
+    now = utcnow()
+    ids = [i for i in s.exec(select(DeploymentStep.id).where(
+        DeploymentStep.deployment_id == deployment_id,
+        col(DeploymentStep.state).in_(open_states)).with_for_update()).all()]
+    for part in chunked(ids, IN_CHUNK):
+        s.execute(update(DeploymentStep).where(col(DeploymentStep.id).in_(part)).values(
+            state=StepState.CANCELLED, updated_at=now, finished_at=now,
+            started_at=func.coalesce(col(DeploymentStep.started_at), now)))
+        s.execute(insert(StepEvent), [{"id": uuid.uuid4(), "step_id": i,
+                                       "state": StepState.CANCELLED, "at": now,
+                                       "detail": {"reason": reason}} for i in part])
+    return len(ids)
 
 
 def steps_of(reg: Registry, deployment_id: uuid.UUID) -> list[tuple[DeploymentStep, Device]]:
@@ -336,14 +413,20 @@ def last_deployment_of(reg: Registry, name: str, devices: list[Device]) -> Deplo
     """The newest deploy of ``name`` that reached any of ``devices`` (a rollback's
     ``reverts_id``)."""
     ids = [d.id for d in devices]
-    with reg.session() as s:
-        stmt = (select(Deployment).join(DeploymentStep, col(DeploymentStep.deployment_id)
-                                        == col(Deployment.id))
-                .where(Deployment.name == name, Deployment.kind == DeploymentKind.DEPLOY,
-                       col(DeploymentStep.device_id).in_(ids),
-                       col(DeploymentStep.state).in_([StepState.OK, StepState.ACTIVATED]))
-                .order_by(col(Deployment.created_at).desc()).limit(1))
-        return s.exec(stmt).first()
+    found: list[Deployment] = []
+    with reg.reading() as s:
+        for part in chunked(ids, IN_CHUNK):
+            stmt = (select(Deployment).join(DeploymentStep, col(DeploymentStep.deployment_id)
+                                            == col(Deployment.id))
+                    .where(Deployment.name == name, Deployment.kind == DeploymentKind.DEPLOY,
+                           col(DeploymentStep.device_id).in_(part),
+                           col(DeploymentStep.state).in_([StepState.OK,
+                                                          StepState.ACTIVATED]))
+                    .order_by(col(Deployment.created_at).desc()).limit(1))
+            hit = s.exec(stmt).first()
+            if hit is not None:
+                found.append(hit)
+    return max(found, key=lambda d: d.created_at, default=None)
 
 
 def reports_for(reg: Registry, device: Device, *, kind: str | None = None, limit: int = 20
@@ -357,24 +440,34 @@ def reports_for(reg: Registry, device: Device, *, kind: str | None = None, limit
 
 def latest_reports(reg: Registry, devices: list[Device], kinds: tuple[str, ...]
                    ) -> dict[str, Report | None]:
-    out: dict[str, Report | None] = {}
-    with reg.session() as s:
-        for d in devices:
-            stmt = (select(Report).where(Report.device_id == d.id)
-                    .where(col(Report.kind).in_(kinds))
-                    .order_by(col(Report.created_at).desc()).limit(1))
-            out[d.name] = s.exec(stmt).first()
+    """Each device's newest report of one of ``kinds`` (None when it has none): one query
+    per :data:`IN_CHUNK` devices (a window over ``reports(device_id, created_at)``)."""
+    out: dict[str, Report | None] = {d.name: None for d in devices}
+    names = {d.id: d.name for d in devices}
+    with reg.reading() as s:
+        for part in chunked(list(names), IN_CHUNK):
+            ranked = (select(col(Report.id).label("id"), func.row_number().over(
+                partition_by=col(Report.device_id),
+                order_by=col(Report.created_at).desc()).label("n"))
+                .where(col(Report.device_id).in_(part), col(Report.kind).in_(kinds))
+                .subquery())
+            stmt = select(Report).join(ranked, col(Report.id) == ranked.c.id).where(
+                ranked.c.n == 1)
+            for rep in s.exec(stmt).all():
+                out[names[rep.device_id]] = rep
     return out
 
 
 def add_snapshot(reg: Registry, device: Device, probe: dict[str, Any]) -> None:
     with reg.session() as s:
         s.add(CapabilitySnapshot(device_id=device.id, probe=probe))
+        facts.note_probe(s, device.id, probe)  # selectors: hw.*
 
 
 def set_lora_state(reg: Registry, device: Device, base_name: str, adapter_name: str | None,
                    adapter_version: int | None) -> None:
     with reg.session() as s:
+        serialize(s, f"lora:{device.id}:{base_name}")  # the row may not exist yet
         row = s.get(LoraState, (device.id, base_name))
         if row is None:
             row = LoraState(device_id=device.id, base_name=base_name)

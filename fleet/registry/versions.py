@@ -2,9 +2,10 @@
 
 A version is claimed by inserting its :class:`ArtifactVersion` row (UNIQUE(name, version))
 in the same transaction that read the versions already taken. On SQLite every transaction
-is ``BEGIN IMMEDIATE``, so two controllers queue; on a server backend two claims of one
-version can race, and the loser's insert hits the UNIQUE constraint, rolls back and reads
-again (a few attempts, jittered backoff). Rules:
+is ``BEGIN IMMEDIATE``, so two controllers queue; on PostgreSQL a claim takes an advisory
+lock on the name first (:func:`fleet.registry.db.serialize`), so they queue there too.
+Should two claims still race (another backend), the loser's insert hits the UNIQUE
+constraint, rolls back and reads again (a few attempts, jittered backoff). Rules:
 
 - the same digest under a name is the same version (a re-run sends nothing);
 - a new digest gets one more than the highest version of the name;
@@ -28,6 +29,7 @@ from sqlmodel import Session, col, select
 
 from fleet.core import errors
 from fleet.registry.api import Registry
+from fleet.registry.db import serialize
 from fleet.registry.models import Artifact, ArtifactVersion
 
 __all__ = ["VersionClaim", "claim_version", "record_package"]
@@ -52,6 +54,7 @@ class VersionClaim:
 def _claim_in(s: Session, name: str, kind: str, digest: str, version: int | None
               ) -> VersionClaim:
     """The claim, inside the caller's transaction (it inserts the row when new)."""
+    serialize(s, f"version:{name}")  # PostgreSQL: claims of one name queue, as on SQLite
     rows = list(s.exec(select(ArtifactVersion).where(ArtifactVersion.name == name)).all())
     if version is not None:
         if version < 1:

@@ -34,25 +34,28 @@ from pathlib import Path
 from typing import Any
 
 from fleet.agent_client import AgentClient
+from fleet.artifacts.envelopes import envelope_for
 from fleet.connect import device_session
 from fleet.core import errors
 from fleet.core.fsutil import room_needed
 from fleet.home import FleetHome
-from fleet.registry import Device, Registry
+from fleet.registry import Device, Registry, facts
 from fleet.registry import history as hist
 from fleet.registry.models import DeploymentStep, StepState
 from fleet.rollout.fanout import (
     DeviceOutcome,
     DeviceStatus,
     FleetResult,
+    Remote,
     TaskContext,
     call_each,
 )
 from fleet.rollout.lease import Heartbeat, Holder, LeaseConfig, abandon, holder
 from fleet.rollout.reconcile import Do, Goal, next_action, observe
+from fleet.worker.dispatch import CeleryDispatcher, dispatcher_for
 
 __all__ = ["KILL_ENV", "DeployJob", "DeployResult", "Opener", "Run", "holding", "kill_point",
-           "run_deployment"]
+           "recorded", "run_deployment"]
 
 #: ``opener(device, ctx)`` -> a context manager yielding the device's agent client; the
 #: default is :func:`fleet.connect.device_session` (tests pass in-memory fakes).
@@ -100,6 +103,14 @@ class DeployResult:
 
     bytes_sent: int = 0
     report: dict[str, Any] | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        """As a farm task returns it (fleet.worker.wire)."""
+        return asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> DeployResult:
+        return cls(bytes_sent=int(doc.get("bytes_sent") or 0), report=doc.get("report"))
 
 
 # -- the test hook -------------------------------------------------------------------------
@@ -165,9 +176,10 @@ class _Device:
 
     def run(self, state: StepState) -> DeployResult:
         job, ctx, reg = self.job, self.ctx, self.reg
-        ctx.state("checking")
+        ctx.state("connecting")  # the status round trip is the first contact
         status = self.agent.status(timeout=min(60.0, ctx.deadline.remaining()))
         reg.touch_device(self.dev.name, agent_version=status.agent_version)
+        facts.record_status(reg, self.dev.id, status.doc)  # what --dry-run plans from
         seen = observe(status.installed.get(job.name), version=job.version, digest=job.digest)
         act = next_action(state, seen, goal=job.goal)
         if act.do is Do.REFUSE:
@@ -205,11 +217,14 @@ class _Device:
             raise errors.DiskFullError(f"{name}: {free} bytes free, the package needs "
                                        f"{need}; nothing sent", device=name, free=free,
                                        needed=need)
+        # This device's key envelope (format 2) travels with its stage request; a device
+        # the package was not made for fails here, before a byte is sent.
+        envelope = envelope_for(job.package, self.dev.fingerprint, name)
         ctx.check()
         _stop_if(self.cancel, name, "its push")
         hist.set_step(reg, self.step_id, StepState.PUSHING,
                       remote=self.agent.incoming_path(job.package_sha256))
-        ctx.state("pushing")
+        ctx.state("sending")
 
         def progress(done: int, total: int) -> None:
             if self.cancel.is_set():  # cut: the partial upload stays and resumes later
@@ -225,7 +240,8 @@ class _Device:
                       resumed_from=tr.resumed_from, sha256=tr.sha256)
         ctx.check()
         ctx.state("staging")
-        staged = self.agent.stage(up.remote, timeout=ctx.deadline.remaining(30))
+        staged = self.agent.stage(up.remote, envelope=envelope,
+                                  timeout=ctx.deadline.remaining(30))
         if staged.doc.get("root_version") is not None:  # the root chain travelled with it
             reg.update_device(name, root_version=staged.doc["root_version"])
         hist.set_step(reg, self.step_id, StepState.STAGED, version=staged.version,
@@ -271,7 +287,7 @@ _RECORDED: dict[StepState, DeviceStatus] = {
 }
 
 
-def _recorded(name: str, st: DeploymentStep) -> DeviceOutcome[DeployResult]:
+def recorded(name: str, st: DeploymentStep) -> DeviceOutcome[DeployResult]:
     """A finished step's outcome as the registry has it (a resume does not redo it)."""
     err = (errors.error_from_code(st.error_code, st.error_message or st.error_code)
            if st.error_code else None)
@@ -283,7 +299,13 @@ def _recorded(name: str, st: DeploymentStep) -> DeviceOutcome[DeployResult]:
 @dataclass
 class Run:
     """One deployment as this process drives it: which devices, the job, the opener and
-    the fan-out's options; :meth:`devices` runs the unfinished steps of some devices."""
+    the fan-out's options; :meth:`run_devices` runs the unfinished steps of some devices,
+    :meth:`device_task` one device's step (what a farm worker runs, too).
+
+    Devices reached through a farm host (``via``) go to its worker when a broker is
+    configured (``dispatcher``: by default :func:`fleet.worker.dispatch.dispatcher_for`;
+    never with a test ``opener``), carrying the lease ``holder``: a worker runs a step
+    only while the deployment is running under that holder."""
 
     home: FleetHome
     reg: Registry
@@ -293,6 +315,8 @@ class Run:
     cancel: threading.Event = field(default_factory=threading.Event)
     opener: Opener | None = None
     fanout_kw: dict[str, Any] = field(default_factory=dict)
+    holder: Holder | None = None
+    dispatcher: CeleryDispatcher | None = None
 
     def open_agent(self, dev: Device, ctx: TaskContext) -> AbstractContextManager[AgentClient]:
         if self.opener is not None:
@@ -310,23 +334,52 @@ class Run:
         todo = []
         for n in names:
             if self._done(steps[n]):
-                result.add(_recorded(n, steps[n]))
+                result.add(recorded(n, steps[n]))
             else:
                 todo.append(self.devices[n])
         ids = {n: st.id for n, st in steps.items()}
 
         def task(dev: Device, ctx: TaskContext) -> DeployResult:
-            state = hist.record_attempt(self.reg, ids[dev.name], ctx.attempt + 1)
-            with self.open_agent(dev, ctx) as agent:
-                return _Device(self.reg, self.job, dev, agent, self.dep_id, ids[dev.name],
-                               ctx, self.cancel).run(state)
+            return self.device_task(dev, ctx, ids[dev.name])
 
         if todo:
-            ran = call_each(todo, task, cancel=self.cancel, **self.fanout_kw)
+            disp, remote = self._farm(ids)
+            ran = call_each(todo, task, cancel=self.cancel, remote=remote, dispatcher=disp,
+                            **self.fanout_kw)
             for out in ran.failed:
                 _record_failure(self.reg, ids[out.device], out)
             result.extend(ran)
         return result.sorted_by(names)
+
+
+    def device_task(self, dev: Device, ctx: TaskContext, step_id: uuid.UUID) -> DeployResult:
+        """One device's step: an attempt event, then the reconcile table's decision from
+        the step and the agent's status (fresh or resumed alike)."""
+        state = hist.record_attempt(self.reg, step_id, ctx.attempt + 1)
+        ctx.state("connecting")
+        with self.open_agent(dev, ctx) as agent:
+            return _Device(self.reg, self.job, dev, agent, self.dep_id, step_id, ctx,
+                           self.cancel).run(state)
+
+    def farm_dispatcher(self) -> CeleryDispatcher | None:
+        """The dispatcher for this deployment's farm devices, or None: everything runs
+        here (no broker configured, a test opener, no lease holder, no farm device)."""
+        if self.holder is None or not any(d.via for d in self.devices.values()):
+            return None
+        if self.dispatcher is None and self.opener is None:
+            self.dispatcher = dispatcher_for(self.home, self.reg)
+        return self.dispatcher
+
+    def _farm(self, ids: dict[str, uuid.UUID]
+              ) -> tuple[CeleryDispatcher | None, Remote | None]:
+        disp = self.farm_dispatcher()
+        if disp is None or self.holder is None:
+            return None, None
+        package = disp.publish(self.job.package, self.job.package_sha256)
+        return disp, Remote("deploy", {"deployment": str(self.dep_id),
+                                       "holder": list(self.holder), "package": package},
+                            each={n: {"step": str(i)} for n, i in ids.items()},
+                            decode=DeployResult.from_doc)
 
 
 @contextlib.contextmanager
@@ -352,6 +405,7 @@ def run_deployment(home: FleetHome, reg: Registry, job: DeployJob, devices: list
                    cancel: threading.Event | None = None,
                    lease_config: LeaseConfig | None = None,
                    on_created: Callable[[uuid.UUID], None] | None = None,
+                   dispatcher: CeleryDispatcher | None = None,
                    **fanout_kw: Any) -> tuple[uuid.UUID, FleetResult[DeployResult]]:
     """One deployment row holding a lease, one step per device (every state change an
     event, each attempt a ``connecting`` event); returns its id and every device's
@@ -367,7 +421,8 @@ def run_deployment(home: FleetHome, reg: Registry, job: DeployJob, devices: list
     kill_point("packaged")
     run = Run(home, reg, dep.id, job, {d.name: d for d in devices},
               cancel or threading.Event(), opener,
-              {"workers": workers, "deadline_s": deadline_s, "retries": retries, **fanout_kw})
+              {"workers": workers, "deadline_s": deadline_s, "retries": retries, **fanout_kw},
+              holder=who, dispatcher=dispatcher)
     with holding(reg, dep.id, who, cancel=run.cancel, config=lease_config):
         result = run.run_devices([d.name for d in devices])
         hist.finish_deployment(reg, dep.id, lease=who)

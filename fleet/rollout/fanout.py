@@ -16,12 +16,20 @@ place (fabric's ``GroupResult``, with a bounded pool and a deadline per device):
   :class:`DeviceStatus`; :meth:`FleetResult.raise_for_failures` is the one place that
   turns failures into an error (and so the exit code).
 
+Where the devices run is the one seam here: in this process (the thread pool above), or,
+given a :class:`Remote` description of the task and a :class:`Dispatcher` (with a broker
+configured, :func:`fleet.worker.dispatch.dispatcher_for`), each device whose record names
+a farm host (``via``) as a Celery task on that host's worker, which runs the same task
+through this same function for one device; the outcomes come back as one
+:class:`FleetResult` either way.
+
 Time comes from ``clock``/``sleep`` so tests run on a fake clock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
 import time
@@ -29,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from fleet.core import errors
 
@@ -38,12 +46,16 @@ __all__ = [
     "Deadline",
     "DeviceOutcome",
     "DeviceStatus",
+    "DispatchOptions",
+    "Dispatcher",
     "FleetResult",
+    "Remote",
     "TaskContext",
     "call_each",
     "status_for",
 ]
 
+_log = logging.getLogger("fleet.fanout")
 T = TypeVar("T")
 R = TypeVar("R")
 Clock = Callable[[], float]
@@ -266,6 +278,54 @@ class FleetResult(Generic[R]):
         raise exc from first
 
 
+def _as_is(doc: Any) -> Any:
+    return doc
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A fan-out's task as a farm host's worker rebuilds it for one device: a task
+    ``kind`` (a handler in :mod:`fleet.worker.tasks`) with JSON ``args`` for every device
+    and ``each[name]`` for one (merged over ``args``). ``decode`` (controller side, never
+    sent) turns the worker's JSON result back into the task's result type."""
+
+    kind: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    each: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    decode: Callable[[Any], Any] = _as_is
+
+    def args_for(self, name: str) -> dict[str, Any]:
+        return {**self.args, **self.each.get(name, {})}
+
+
+@dataclass(frozen=True)
+class DispatchOptions:
+    """The fan-out's options a dispatcher honours (seconds)."""
+
+    deadline_s: float
+    retries: int
+    grace_s: float
+    cancel: threading.Event
+    on_state: Callable[[str, str], None] | None = None
+    poll_s: float = 0.5
+
+
+#: runs some of the items in this process: ``local(items, on_done) -> FleetResult``
+LocalRun = Callable[[dict[str, Any], Callable[[DeviceOutcome[Any]], None] | None],
+                    FleetResult[Any]]
+
+
+class Dispatcher(Protocol):
+    """Runs a fan-out's devices somewhere: each device's outcome, in item order. Items it
+    does not send away (no farm host) it runs through ``local``; ``on_done`` is called in
+    the calling thread as each device ends."""
+
+    def dispatch(self, items: dict[str, Any], remote: Remote, local: LocalRun,
+                 options: DispatchOptions,
+                 on_done: Callable[[DeviceOutcome[Any]], None] | None
+                 ) -> FleetResult[Any]: ...
+
+
 def _named(devices: Mapping[str, T] | Sequence[T]) -> dict[str, T]:
     if isinstance(devices, Mapping):
         return dict(devices)
@@ -303,6 +363,8 @@ def _attempts(name: str, item: T, task: Callable[[T, TaskContext], R], ctx: Task
                                  reason=err.message, attempts=attempt + 1, started_at=start,
                                  duration_s=clock() - start)
         pause = min(backoff.pause(attempt, rng), max(0.0, ctx.deadline.at - clock()))
+        _log.info("%s: attempt %d failed (%s: %s); retry in %.1fs", name, attempt + 1,
+                  err.code, err.message, pause)
         ctx.state(f"retry in {pause:.1f}s ({err.code})")
         sleep(pause)
         attempt += 1
@@ -316,14 +378,35 @@ def call_each(devices: Mapping[str, T] | Sequence[T], task: Callable[[T, TaskCon
               on_bytes: Callable[[str, int, int], None] | None = None,
               on_state: Callable[[str, str], None] | None = None,
               on_done: Callable[[DeviceOutcome[R]], None] | None = None,
-              poll_s: float = 0.5) -> FleetResult[R]:
+              poll_s: float = 0.5, remote: Remote | None = None,
+              dispatcher: Dispatcher | None = None) -> FleetResult[R]:
     """Run ``task(device, ctx)`` for every device (a name -> item mapping, or items with a
     ``name``); returns every device's outcome in the order given.
 
     ``deadline_s`` is per device, from its start; ``sleep`` defaults to waiting on the
     cancel event (a cancel cuts a backoff short); ``on_done`` runs in the calling thread.
+    With ``dispatcher`` and ``remote`` both given, the dispatcher decides where each
+    device runs (see the module docstring); the others run here.
     """
     items = _named(devices)
+    if on_state is not None:
+        for name in items:  # where every device starts (a progress display counts them)
+            on_state(name, "queued")
+    if dispatcher is not None and remote is not None:
+        stop = cancel or threading.Event()
+
+        def local(sub: dict[str, Any], done: Callable[[DeviceOutcome[Any]], None] | None
+                  ) -> FleetResult[Any]:
+            return call_each(sub, task, workers=workers, deadline_s=deadline_s,
+                             retries=retries, backoff=backoff, grace_s=grace_s, cancel=stop,
+                             clock=clock, sleep=sleep, rng=rng, on_bytes=on_bytes,
+                             on_state=on_state, on_done=done, poll_s=poll_s)
+
+        opts = DispatchOptions(deadline_s=deadline_s, retries=max(0, retries),
+                               grace_s=grace_s, cancel=stop, on_state=on_state,
+                               poll_s=poll_s)
+        out: FleetResult[R] = dispatcher.dispatch(items, remote, local, opts, on_done)
+        return out.sorted_by(list(items))
     backoff = backoff or Backoff()
     rng = rng or random.Random()
     cancel = cancel or threading.Event()

@@ -10,7 +10,10 @@ bound). A pid reused by another process only delays the verdict to the heartbeat
 
 Every write is a compare-and-set on (status, host, pid), so a controller that wakes up
 after its deployment was marked interrupted (or cancelled) never overwrites that: its
-heartbeat finds the lease gone and tells it to stop (``on_lost``).
+heartbeat finds the lease gone and tells it to stop (``on_lost``). The compare reads the
+row ``FOR UPDATE``: on PostgreSQL (READ COMMITTED) two resumes taking over one
+deployment, or a heartbeat racing the reaper, queue on the row instead of both winning;
+SQLite's ``BEGIN IMMEDIATE`` already serialises them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet.registry import Registry
 from fleet.registry.models import Deployment, DeploymentState
@@ -111,11 +114,25 @@ def reap_stale(reg: Registry, *, now: Now = utcnow, host: str | None = None,
     cfg = config or LeaseConfig.from_env()
     here = host or socket.gethostname()
     marked: list[tuple[uuid.UUID, str]] = []
+
+    def verdict(dep: Deployment) -> str | None:
+        if (dep.options or {}).get("mode") == "pull":
+            return None  # fleet server drives it on the devices' schedule: no lease
+        return staleness(LeaseView.of(dep), now=now(), host=here, alive=alive,
+                         stale_after_s=cfg.stale_after_s)
+
     with reg.session() as s:
-        for dep in s.exec(select(Deployment)
-                          .where(Deployment.status == DeploymentState.RUNNING)).all():
-            why = staleness(LeaseView.of(dep), now=now(), host=here, alive=alive,
-                            stale_after_s=cfg.stale_after_s)
+        running = s.exec(select(Deployment)
+                         .where(Deployment.status == DeploymentState.RUNNING)).all()
+        suspects = [d.id for d in running if verdict(d) is not None]
+        if not suspects:  # the usual case: nothing locked, nothing written
+            return marked
+        # PostgreSQL: lock them and judge again on what is committed now (a heartbeat may
+        # have landed meanwhile; it waits for this verdict from here on)
+        for dep in s.exec(select(Deployment).where(col(Deployment.id).in_(suspects))
+                          .with_for_update().execution_options(populate_existing=True)
+                          ).all():
+            why = verdict(dep) if dep.status is DeploymentState.RUNNING else None
             if why is None:
                 continue
             dep.status = DeploymentState.INTERRUPTED
@@ -129,8 +146,8 @@ def reap_stale(reg: Registry, *, now: Now = utcnow, host: str | None = None,
 
 def _cas(reg: Registry, dep_id: uuid.UUID, who: Holder, change: Callable[[Deployment], None],
          *, expect: DeploymentState = DeploymentState.RUNNING, held: bool = True) -> bool:
-    with reg.session() as s:
-        dep = s.get(Deployment, dep_id)
+    with reg.session() as s:  # FOR UPDATE: the compare and the set are one step
+        dep = s.get(Deployment, dep_id, with_for_update=True)
         if dep is None or dep.status is not expect:
             return False
         if held and (dep.lease_host, dep.lease_pid) != who:

@@ -22,10 +22,8 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-
-from sqlmodel import select
 
 from fleet.core import errors
 from fleet.home import FleetHome
@@ -35,15 +33,13 @@ from fleet.registry.models import (
     Deployment,
     DeploymentKind,
     DeploymentState,
-    DeploymentStep,
-    StepEvent,
-    StepState,
 )
 from fleet.registry.types import utcnow
 from fleet.rollout.deploy import DeployJob, DeployResult, Opener, Run, holding
 from fleet.rollout.fanout import FleetResult
 from fleet.rollout.lease import LeaseConfig, holder, pid_alive, reap_stale, take_over
 from fleet.rollout.waves import Say, drive_waves
+from fleet.worker.dispatch import CeleryDispatcher
 
 __all__ = ["Resumed", "cancel_deployment", "resume_deployment"]
 
@@ -85,23 +81,34 @@ def _resumable(dep: Deployment) -> None:
 def resume_deployment(home: FleetHome, reg: Registry, dep_id: uuid.UUID, *,
                       cancel: threading.Event | None = None, opener: Opener | None = None,
                       say: Say | None = None, lease_config: LeaseConfig | None = None,
-                      workers: int | None = None, **fanout_kw: object) -> Resumed:
-    """Carry an interrupted deployment on to its end (see the module docstring)."""
+                      workers: int | None = None, only: Collection[str] | None = None,
+                      dispatcher: CeleryDispatcher | None = None,
+                      **fanout_kw: object) -> Resumed:
+    """Carry an interrupted deployment on to its end (see the module docstring).
+
+    ``only``: resume just these of its devices (``fleet deployment resume ID -l ...``);
+    the deployment stays ``interrupted`` while any other device is unfinished. Raises
+    NoTargetsError when none of them is in the deployment."""
     reap_stale(reg, config=lease_config)
     dep = hist.get_deployment(reg, dep_id)
     _resumable(dep)
     job = _job(dep)
+    steps = hist.steps_of(reg, dep.id)
+    if only is not None:
+        steps = [(st, d) for st, d in steps if d.name in only]
+        if not steps:
+            raise errors.NoTargetsError(f"none of the selected devices is in deployment "
+                                        f"{dep.id}", id=str(dep.id))
     who = holder()
     if not take_over(reg, dep.id, who):
         raise errors.UsageError(f"deployment {dep.id} was taken over by another process",
                                 id=str(dep.id))
-    steps = hist.steps_of(reg, dep.id)
     opts = dep.options
     kw: dict[str, object] = {"workers": workers or int(opts.get("workers", 8)),
                              "deadline_s": float(opts.get("deadline_s", 900.0)),
                              "retries": int(opts.get("retries", 2)), **fanout_kw}
     run = Run(home, reg, dep.id, job, {d.name: d for _, d in steps},
-              cancel or threading.Event(), opener, kw)
+              cancel or threading.Event(), opener, kw, holder=who, dispatcher=dispatcher)
     names = [d.name for _, d in steps]
     if say:
         todo = [d.name for st, d in steps if not st.state.terminal]
@@ -130,7 +137,7 @@ def cancel_deployment(reg: Registry, dep_id: uuid.UUID, *,
     here = socket.gethostname()
     did = "no controller was running it"
     with reg.session() as s:
-        dep = s.get(Deployment, dep_id)
+        dep = s.get(Deployment, dep_id, with_for_update=True)  # vs finish, take_over
         if dep is None:
             raise errors.NotFoundError(f"no deployment {dep_id}", id=str(dep_id))
         if dep.status not in (DeploymentState.RUNNING, DeploymentState.INTERRUPTED):
@@ -145,14 +152,7 @@ def cancel_deployment(reg: Registry, dep_id: uuid.UUID, *,
         dep.heartbeat_at = None
         s.add(dep)
         if not was_running:  # nobody works on it: its unfinished steps end here
-            for st in s.exec(select(DeploymentStep).where(
-                    DeploymentStep.deployment_id == dep.id)).all():
-                if not st.state.terminal:
-                    st.state, st.updated_at, st.finished_at = (StepState.CANCELLED,
-                                                               utcnow(), utcnow())
-                    s.add(st)
-                    s.add(StepEvent(step_id=st.id, state=StepState.CANCELLED,
-                                    detail={"reason": "deployment cancelled"}))
+            hist.cancel_unfinished(s, dep.id, staged_is_done=False)
     if was_running and pid is not None:
         if host == here and pid != os.getpid() and pid_alive(pid):
             send = signal_process or (lambda p: os.kill(p, signal.SIGTERM))

@@ -32,11 +32,20 @@ from fleet.rollout.deploy import (
     holding,
     kill_point,
 )
-from fleet.rollout.fanout import DeviceOutcome, DeviceStatus, FleetResult, TaskContext, call_each
+from fleet.rollout.fanout import (
+    DeviceOutcome,
+    DeviceStatus,
+    Dispatcher,
+    FleetResult,
+    Remote,
+    TaskContext,
+    call_each,
+)
 from fleet.rollout.lease import Holder, LeaseConfig, holder
 from fleet.rollout.plan import split_waves
 
-__all__ = ["WaveOutcome", "drive_waves", "roll_waves", "rollback_each", "run_waves"]
+__all__ = ["WaveOutcome", "drive_waves", "previous_slot_task", "roll_waves", "rollback_each",
+           "run_waves"]
 
 R = TypeVar("R")
 Say = Callable[[str], None]
@@ -97,15 +106,25 @@ def roll_waves(waves: list[list[str]], deploy_wave: Callable[[int, list[str]], F
     return out
 
 
-def rollback_each(devices: list[Device], name: str, connect: Opener, **fanout_kw: Any
-                  ) -> FleetResult[RollbackResult]:
-    """Switch ``name`` back to its previous slot on every device (one retry)."""
+def previous_slot_task(name: str, connect: Opener
+                       ) -> Callable[[Device, TaskContext], RollbackResult]:
+    """One device's gate rollback: ``name`` back to its previous slot."""
     def task(dev: Device, ctx: TaskContext) -> RollbackResult:
         with connect(dev, ctx) as agent:
             return agent.rollback(name, timeout=ctx.deadline.remaining(30))
 
+    return task
+
+
+def rollback_each(devices: list[Device], name: str, connect: Opener, *,
+                  dispatcher: Dispatcher | None = None, **fanout_kw: Any
+                  ) -> FleetResult[RollbackResult]:
+    """Switch ``name`` back to its previous slot on every device (one retry); farm
+    devices on their host's worker when ``dispatcher`` is given."""
     kw: dict[str, Any] = {"deadline_s": 120.0, "retries": 1, **fanout_kw}
-    return call_each(devices, task, **kw)
+    remote = Remote("rollback.previous", {"name": name}, decode=RollbackResult.from_doc)
+    return call_each(devices, previous_slot_task(name, connect), remote=remote,
+                     dispatcher=dispatcher, **kw)
 
 
 def drive_waves(run: Run, who: Holder, waves: list[list[str]], *, max_failed: int,
@@ -117,7 +136,7 @@ def drive_waves(run: Run, who: Holder, waves: list[list[str]], *, max_failed: in
 
     def rollback(names: list[str]) -> FleetResult[RollbackResult]:
         back = rollback_each([run.devices[n] for n in names], run.job.name,
-                             run.open_agent)
+                             run.open_agent, dispatcher=run.farm_dispatcher())
         for o in back:
             res = o.result
             hist.set_step(run.reg, steps[o.device],
@@ -165,6 +184,7 @@ def run_waves(home: FleetHome, reg: Registry, job: DeployJob, devices: list[Devi
     kill_point("packaged")
     run = Run(home, reg, dep.id, job, {d.name: d for d in devices},
               cancel or threading.Event(), opener,
-              {"workers": workers, "deadline_s": deadline_s, "retries": retries, **fanout_kw})
+              {"workers": workers, "deadline_s": deadline_s, "retries": retries, **fanout_kw},
+              holder=who)
     return drive_waves(run, who, waves, max_failed=max_failed, say=say,
                        lease_config=lease_config)

@@ -37,6 +37,13 @@ _IMPLEMENTATIONS = {
 
 def open_transport(uri: str, options: TransportOptions | None = None) -> Transport:
     parsed = parse_uri(uri)
+    if parsed.scheme == "pull":
+        from fleet.core import errors
+
+        raise errors.UsageError(
+            f"{uri}: a pull device is not reached by the controller; it polls `fleet "
+            "server` (deploy to it with `fleet deploy`, which writes its desired state)",
+            uri=uri)
     module, _, cls = _IMPLEMENTATIONS[parsed.scheme].partition(":")
     impl = getattr(importlib.import_module(module), cls)
     transport: Transport = impl(uri, options)

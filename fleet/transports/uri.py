@@ -1,5 +1,6 @@
 """Device URIs: ``local://NAME?root=DIR``, ``ssh://user@host:port``, ``adb://SERIAL``,
-``ios://UDID?bundle=APP_ID``. Parsing is pure and strict: a malformed URI is refused here,
+``ios://UDID?bundle=APP_ID``, and ``pull://NAME`` (a device that polls ``fleet server``;
+no transport reaches it). Parsing is pure and strict: a malformed URI is refused here,
 before anything is registered or contacted."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fleet.core import errors
 
 __all__ = ["KNOWN_SCHEMES", "DeviceUri", "parse_uri"]
 
-KNOWN_SCHEMES = ("local", "ssh", "adb", "ios")
+KNOWN_SCHEMES = ("local", "ssh", "adb", "ios", "pull")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
@@ -27,7 +28,8 @@ class DeviceUri:
 
     @property
     def platform(self) -> str:
-        return {"local": "linux", "ssh": "linux", "adb": "android", "ios": "ios"}[self.scheme]
+        return {"local": "linux", "ssh": "linux", "adb": "android", "ios": "ios",
+                "pull": self.query.get("platform", "linux")}[self.scheme]
 
 
 def parse_uri(uri: str) -> DeviceUri:
@@ -65,6 +67,9 @@ def parse_uri(uri: str) -> DeviceUri:
     if scheme == "ios" and "bundle" not in query:
         raise errors.MalformedUriError(
             f"ios URI needs the app's bundle id: ios://{host}?bundle=com.example.app", uri=uri)
+    if scheme == "pull" and query.get("platform", "linux") not in ("linux", "android", "ios"):
+        raise errors.MalformedUriError(
+            f"pull URI platform must be linux, android or ios: {uri!r}", uri=uri)
     if parts.path not in ("", "/"):
         raise errors.MalformedUriError(f"URI {uri!r} must not have a path", uri=uri)
     return DeviceUri(scheme=scheme, host=host, user=parts.username, port=port, query=query,

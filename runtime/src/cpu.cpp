@@ -162,6 +162,17 @@ Json probe_cpu() {
   cpu.set("features", id.features);
   cpu.set("fp16_arith", id.fp16_arith);
   cpu.set("int8_dot", id.int8_dot);
+  std::string cpuinfo;
+  read_text("/proc/cpuinfo", cpuinfo);
+  Emulation emu = detect_emulation(cpuinfo);
+  cpu.set("emulated", emu.emulator.empty() ? Json() : Json(emu.emulator));
+  if (!emu.emulator.empty()) {
+    Json e = Json::object();
+    e.set("emulator", emu.emulator);
+    e.set("real_executable", emu.real_executable.empty() ? Json() : Json(emu.real_executable));
+    e.set("evidence", emu.evidence);
+    id.extra.set("emulation", e);
+  }
   cpu.set("details", id.extra);
   return cpu;
 }

@@ -46,6 +46,7 @@ std::string sysctl_string(const char* name) {
 constexpr std::uint64_t kHwcapAsimd = 1ULL << 1;
 constexpr std::uint64_t kHwcapFphp = 1ULL << 9;
 constexpr std::uint64_t kHwcapAsimdhp = 1ULL << 10;
+constexpr std::uint64_t kHwcapCpuid = 1ULL << 11;  // EL0 reads of ID registers (MIDR_EL1)
 constexpr std::uint64_t kHwcapAsimddp = 1ULL << 20;
 constexpr std::uint64_t kHwcapSve = 1ULL << 22;
 constexpr std::uint64_t kHwcap2Sve2 = 1ULL << 1;
@@ -63,6 +64,7 @@ constexpr std::uint64_t kHwcapArmNeon = 1ULL << 12;
 
 const char* implementer_name(int imp) {
   switch (imp) {
+    case 0x00: return "software";  // reserved for software use: QEMU's "max" CPU
     case 0x41: return "ARM";
     case 0x42: return "Broadcom";
     case 0x43: return "Cavium";
@@ -137,6 +139,17 @@ void parse_cpuinfo_parts(const std::string& text, CpuIdentity& id, int& implemen
   }
 }
 
+#if defined(__aarch64__)
+// MIDR_EL1 of the core this thread runs on. Linux (4.11+) traps the EL0 read and answers
+// it when it sets HWCAP_CPUID; qemu-user answers with the emulated CPU's MIDR (cortex-a53:
+// 0x410fd034; max: 0x000f0510). Never called without the hwcap bit (SIGILL otherwise).
+std::uint64_t read_midr() {
+  std::uint64_t midr = 0;
+  __asm__ volatile("mrs %0, MIDR_EL1" : "=r"(midr));
+  return midr;
+}
+#endif
+
 #endif  // !__APPLE__
 
 }  // namespace
@@ -169,6 +182,33 @@ CpuIdentity cpu_identity() {
     std::snprintf(buf, sizeof buf, "0x%02x", implementer);
     id.vendor = buf;
   }
+  std::uint64_t hw = getauxval(AT_HWCAP);
+  std::uint64_t hw2 = getauxval(AT_HWCAP2);
+  std::string midr_part;
+#if defined(__aarch64__)
+  if (id.part_by_cpu.empty() && (hw & kHwcapCpuid) != 0) {
+    // /proc/cpuinfo without "CPU part" lines (qemu-user passes the host's through): the
+    // core's own ID register names it.
+    std::uint64_t midr = read_midr();
+    int imp = static_cast<int>((midr >> 24) & 0xff);
+    int part = static_cast<int>((midr >> 4) & 0xfff);
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "0x%08llx", static_cast<unsigned long long>(midr));
+    id.extra.set("midr", std::string(buf));
+    id.extra.set("midr_source", "mrs MIDR_EL1 (this thread's core)");
+    midr_part = imp == 0x41 ? arm_part_name(part) : "";
+    if (midr_part.empty()) {
+      std::snprintf(buf, sizeof buf, "0x%02x:0x%03x", imp, part);
+      midr_part = buf;
+    }
+    implementer = imp;
+    id.vendor = implementer_name(imp);
+    if (id.vendor.empty()) {
+      std::snprintf(buf, sizeof buf, "0x%02x", imp);
+      id.vendor = buf;
+    }
+  }
+#endif
   std::string hardware = kv_lookup(cpuinfo, "Hardware", ':');
   std::string dt_model;
   read_text("/proc/device-tree/model", dt_model);
@@ -177,6 +217,8 @@ CpuIdentity cpu_identity() {
     id.model = hardware;
   } else if (!dt_model.empty()) {
     id.model = dt_model;
+  } else if (!midr_part.empty()) {
+    id.model = midr_part;
   } else {
     std::string parts;
     for (const auto& kv : id.part_by_cpu) {
@@ -186,8 +228,6 @@ CpuIdentity cpu_identity() {
   }
   if (!dt_model.empty()) id.extra.set("device_tree_model", dt_model);
 
-  std::uint64_t hw = getauxval(AT_HWCAP);
-  std::uint64_t hw2 = getauxval(AT_HWCAP2);
 #if defined(__aarch64__)
   if (hw != 0) {
     id.features_source = "hwcap";
@@ -228,6 +268,9 @@ CpuIdentity cpu_identity() {
     for (const auto& p : parts.items()) seen = seen || p.as_string() == kv.second;
     if (!seen) parts.push(kv.second);
   }
+#if !defined(__APPLE__)
+  if (!parts.size() && !midr_part.empty()) parts.push(midr_part);
+#endif
   if (parts.size()) id.extra.set("core_types", parts);
   return id;
 }

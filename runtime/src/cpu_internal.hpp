@@ -23,6 +23,15 @@ struct CpuIdentity {
 // Implemented by exactly one of cpu_x86.cpp, cpu_arm.cpp, cpu.cpp (other architectures).
 CpuIdentity cpu_identity();
 
+// A user-mode emulator running this program (emulation.cpp): "qemu", "rosetta",
+// "unknown" (translated, emulator not named) or "" (native, as far as can be told).
+struct Emulation {
+  std::string emulator;
+  std::string real_executable;      // Linux: the binary the kernel really runs (qemu's)
+  Json evidence = Json::array();    // what told, in words
+};
+Emulation detect_emulation(const std::string& cpuinfo);
+
 // Arm /proc/cpuinfo "Features" parsing, exposed for the fallback path.
 bool cpuinfo_has_flag(const std::string& cpuinfo, const std::string& flag);
 

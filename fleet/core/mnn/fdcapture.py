@@ -10,6 +10,12 @@ and the redirected text is also the evidence of a fallback.
 The redirection is process-wide (descriptors are shared by all threads), so one lock
 serialises captures. Output goes to an anonymous memory file (``memfd``) or an unlinked
 temporary file, never a pipe: a pipe fills at 64 KiB and would block the writer.
+
+What was caught is also logged, one record per line, to the ``fleet.mnn`` logger at INFO
+when the outermost capture ends (an inner capture's lines wait for it: logged earlier
+they would land in the outer capture's scratch file): the CLI shows them with ``-v`` and
+hides them by default (:mod:`fleet.cli._logging`); the agent does not show INFO records
+on its stdout.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import sys
 import tempfile
@@ -27,6 +34,10 @@ from dataclasses import dataclass, field
 __all__ = ["Captured", "capture_fds"]
 
 _LOCK = threading.RLock()
+_log = logging.getLogger("fleet.mnn")
+#: open captures (under ``_LOCK``) and the lines of finished inner ones, for the outermost
+_depth = 0
+_pending: list[str] = []
 _LIBC: ctypes.CDLL | None = None
 
 
@@ -83,8 +94,10 @@ def capture_fds(fds: Sequence[int] = (1, 2)) -> Iterator[Captured]:
     Nested captures work (the inner one sees its own output, the outer one gets nothing
     of it), because each level saves and restores what the descriptor pointed at.
     """
+    global _depth
     result = Captured(tuple(fds))
     with _LOCK:
+        _depth += 1
         _flush_all()
         saved: dict[int, int] = {}
         scratch: dict[int, int] = {}
@@ -95,17 +108,26 @@ def capture_fds(fds: Sequence[int] = (1, 2)) -> Iterator[Captured]:
                 os.dup2(scratch[fd], fd)
             yield result
         finally:
-            _flush_all()
-            for fd, orig in saved.items():
-                os.dup2(orig, fd)
-                os.close(orig)
-            for fd, handle in scratch.items():
-                os.lseek(handle, 0, os.SEEK_SET)
-                chunks: list[bytes] = []
-                while True:
-                    chunk = os.read(handle, 1 << 16)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                os.close(handle)
-                result.text[fd] = b"".join(chunks).decode("utf-8", "replace")
+            try:
+                _flush_all()
+                for fd, orig in saved.items():
+                    os.dup2(orig, fd)
+                    os.close(orig)
+                for fd, handle in scratch.items():
+                    os.lseek(handle, 0, os.SEEK_SET)
+                    chunks: list[bytes] = []
+                    while True:
+                        chunk = os.read(handle, 1 << 16)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                    os.close(handle)
+                    result.text[fd] = b"".join(chunks).decode("utf-8", "replace")
+            finally:
+                _depth -= 1
+                _pending.extend(line.rstrip() for line in result.lines())
+                if _depth == 0:
+                    lines = list(_pending)
+                    _pending.clear()
+                    for line in lines:
+                        _log.info("%s", line)

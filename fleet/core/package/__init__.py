@@ -2,7 +2,8 @@
 
 Read, verify and decrypt (what a device does), the root of trust (:mod:`.trust`), plus
 the symmetric halves that share their constants with it (the STREAM chunk construction,
-the key wrap KDF, the canonical JSON and the rollback-order form). Building and signing
+the key wrap KDF and the per-device key envelopes (:mod:`.envelope`, :mod:`.bundle`), the
+canonical JSON and the rollback-order form). Building and signing
 packages is the controller's job (:mod:`fleet.artifacts`). Format and threats:
 ``docs/package-format.md``.
 
@@ -11,7 +12,16 @@ Pure functions over bytes and state, apart from the file read in :func:`decrypt_
 
 from __future__ import annotations
 
+from fleet.core.package.bundle import bundle_path, encode_bundle, find_envelope
 from fleet.core.package.chunks import decrypt_chunks, encrypt_chunks, payload_length
+from fleet.core.package.envelope import (
+    ENVELOPE_SIZE,
+    Envelope,
+    check_envelope,
+    key_commitment,
+    open_envelope,
+    seal_envelope,
+)
 from fleet.core.package.keyid import (
     fingerprint_der,
     fingerprint_public_key,
@@ -53,8 +63,10 @@ from fleet.core.package.verify import (
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "ENVELOPE_SIZE",
     "MAGIC",
     "ClockReading",
+    "Envelope",
     "FileEntry",
     "Header",
     "KeyRing",
@@ -68,22 +80,29 @@ __all__ = [
     "RollbackOrder",
     "WrappedKey",
     "apply_root_chain",
+    "bundle_path",
     "check_base_binding",
+    "check_envelope",
     "check_freshness",
     "check_version",
     "decrypt_chunks",
     "decrypt_package",
+    "encode_bundle",
     "encode_header",
     "encrypt_chunks",
+    "find_envelope",
     "fingerprint_der",
     "fingerprint_public_key",
+    "key_commitment",
     "load_trusted_public_key",
     "online_keys",
+    "open_envelope",
     "open_header",
     "parse_header",
     "parse_root",
     "payload_length",
     "read_header_bytes",
+    "seal_envelope",
     "unwrap_data_key",
     "verify_manifest",
     "verify_rollback_order",

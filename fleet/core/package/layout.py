@@ -3,7 +3,7 @@
 ::
 
     0       8   magic  89 46 50 4B 47 0D 0A 1A   ("\\x89FPKG\\r\\n\\x1a")
-    8       2   format version, uint16 big-endian (1)
+    8       2   format version, uint16 big-endian (1: inline key wraps, 2: envelopes)
     10      2   flags, uint16 (0; anything else is refused)
     12      4   M = manifest length, uint32 big-endian
     16      M   manifest: canonical JSON, UTF-8
@@ -26,11 +26,16 @@ from typing import BinaryIO
 from fleet.core import errors
 from fleet.core.package.limits import Limits
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "SIG_ED25519", "SIG_NONE", "Header", "encode_header",
-           "parse_header", "read_header_bytes"]
+__all__ = ["FORMAT_INLINE", "FORMAT_VERSION", "FORMAT_VERSIONS", "MAGIC", "SIG_ED25519",
+           "SIG_NONE", "Header", "encode_header", "parse_header", "read_header_bytes"]
 
 MAGIC = b"\x89FPKG\r\n\x1a"
-FORMAT_VERSION = 1
+#: what the controller writes: the data key travels in per-device envelopes
+FORMAT_VERSION = 2
+#: the first form, every recipient's wrapped key in the signed manifest (still read:
+#: packages stored before format 2, and ``.fpkg`` files made then)
+FORMAT_INLINE = 1
+FORMAT_VERSIONS = (FORMAT_INLINE, FORMAT_VERSION)
 SIG_NONE = 0
 SIG_ED25519 = 1
 _FIXED = struct.Struct(">8sHHI")  # magic, version, flags, manifest length
@@ -44,23 +49,27 @@ class Header:
     signature: bytes
     header_digest: bytes  # SHA-256 of every byte before the payload
     payload_offset: int
+    version: int = FORMAT_VERSION  # 1: inline key wraps, 2: per-device envelopes
 
 
-def encode_header(manifest_bytes: bytes, signature: bytes | None) -> bytes:
+def encode_header(manifest_bytes: bytes, signature: bytes | None,
+                  version: int = FORMAT_VERSION) -> bytes:
     """The header bytes for a manifest and its Ed25519 signature (None: unsigned)."""
+    if version not in FORMAT_VERSIONS:
+        raise ValueError(f"unknown package format version {version}")
     alg = SIG_NONE if not signature else SIG_ED25519
     sig = signature or b""
-    return (_FIXED.pack(MAGIC, FORMAT_VERSION, 0, len(manifest_bytes)) + manifest_bytes
+    return (_FIXED.pack(MAGIC, version, 0, len(manifest_bytes)) + manifest_bytes
             + _SIG.pack(alg, len(sig)) + sig)
 
 
-def _fixed(data: bytes, limits: Limits) -> int:
+def _fixed(data: bytes, limits: Limits) -> tuple[int, int]:
     if len(data) < _FIXED.size:
         raise errors.FormatError("file too short to be a package", size=len(data))
     magic, version, flags, mlen = _FIXED.unpack_from(data)
     if magic != MAGIC:
         raise errors.FormatError("not a fleet package (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise errors.FormatError(f"package format version {version} is not supported",
                                  version=version)
     if flags != 0:
@@ -70,13 +79,13 @@ def _fixed(data: bytes, limits: Limits) -> int:
     if mlen > limits.max_manifest_bytes:
         raise errors.SizeLimitError(f"manifest of {mlen} bytes exceeds the limit",
                                     size=mlen, limit=limits.max_manifest_bytes)
-    return int(mlen)
+    return int(mlen), int(version)
 
 
 def parse_header(data: bytes, limits: Limits | None = None) -> Header:
     """Parse the header at the start of ``data`` (extra bytes after it are ignored)."""
     limits = limits or Limits()
-    mlen = _fixed(data, limits)
+    mlen, version = _fixed(data, limits)
     sig_at = _FIXED.size + mlen
     if len(data) < sig_at + _SIG.size:
         raise errors.FormatError("package header is truncated")
@@ -91,7 +100,8 @@ def parse_header(data: bytes, limits: Limits | None = None) -> Header:
         raise errors.FormatError("package header is truncated")
     return Header(manifest_bytes=bytes(data[_FIXED.size:sig_at]), sig_alg=alg,
                   signature=bytes(data[sig_at + _SIG.size:end]),
-                  header_digest=hashlib.sha256(data[:end]).digest(), payload_offset=end)
+                  header_digest=hashlib.sha256(data[:end]).digest(), payload_offset=end,
+                  version=version)
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
@@ -105,7 +115,7 @@ def read_header_bytes(f: BinaryIO, limits: Limits | None = None) -> bytes:
     """Read exactly the header from a stream (the only I/O in this module)."""
     limits = limits or Limits()
     fixed = _read_exact(f, _FIXED.size)
-    mlen = _fixed(fixed, limits)
+    mlen, _ = _fixed(fixed, limits)
     body = _read_exact(f, mlen + _SIG.size)
     _, slen = _SIG.unpack_from(body, mlen)
     if slen > 64:

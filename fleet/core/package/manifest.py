@@ -1,10 +1,15 @@
-"""The signed manifest: what a package holds and who may open it.
+"""The signed manifest: what a package holds and how its data key reaches a device.
 
 ``Manifest.from_dict`` validates every field (types, ranges, file layout, names safe to
 use as directory names) and is the only way a device turns signed JSON into an object.
-The manifest without ``recipients`` is the *content*; its digest is what each wrapped
-key is bound to (the recipients are part of the header, so they cannot bind the header
-digest themselves).
+
+Two forms (``docs/package-format.md``). Format 2 (``fleet.package/2``, what the
+controller builds): no recipient is named; the manifest commits to the data key
+(``key_commitment``) and each device gets its wrapped key in a small per-device envelope
+(:mod:`.envelope`) bound to the manifest's digest, so the manifest's size does not grow
+with the fleet. Format 1 (``fleet.package/1``, still read): every recipient's wrapped key
+in ``recipients``. The manifest without ``recipients`` is the *content*; its digest is
+what a wrapped key is bound to (in format 2 the content is the whole manifest).
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from typing import Any
 from fleet.core import errors
 from fleet.core.package.canonical import canonical_bytes
 
-__all__ = ["CIPHER", "KEY_WRAP", "KINDS", "MANIFEST_TYPE", "FileEntry", "Manifest",
-           "WrappedKey", "chunk_count"]
+__all__ = ["CIPHER", "KEY_WRAP", "KEY_WRAPS", "KINDS", "MANIFEST_TYPE", "MANIFEST_TYPES",
+           "FileEntry", "Manifest", "WrappedKey", "chunk_count"]
 
-MANIFEST_TYPE = "fleet.package/1"
+#: manifest type and key wrap per package format (1: inline wraps, 2: envelopes)
+MANIFEST_TYPES = {1: "fleet.package/1", 2: "fleet.package/2"}
+KEY_WRAPS = {1: "ECDH-P256+HKDF-SHA256+AES-KW/1", 2: "ECDH-P256+HKDF-SHA256+AES-KW/2"}
+MANIFEST_TYPE = MANIFEST_TYPES[1]
+KEY_WRAP = KEY_WRAPS[1]
 CIPHER = "AES-256-GCM-CHUNKED/1"
-KEY_WRAP = "ECDH-P256+HKDF-SHA256+AES-KW/1"
 KINDS = ("model", "lora")
 #: A model name (docs/package-format.md, "Model names"): a Unicode letter or digit, then
 #: letters, digits, ``.``, ``_``, ``-`` and the combining marks of the listed blocks
@@ -113,10 +121,19 @@ class Manifest:
     #: ``YYYY-MM-DDTHH:MM:SSZ``; None only in manifests signed before expiry existed
     #: (they still parse, so stored packages open, but a device never stages one)
     expires: str | None = None
+    #: 1: ``recipients`` holds every wrapped key; 2: per-device envelopes, and
+    #: ``key_commitment`` (64 hex) commits to the data key (:mod:`.envelope`)
+    format: int = 1
+    key_commitment: str | None = None
 
     @property
     def chunks(self) -> int:
         return chunk_count(self.size, self.chunk_size)
+
+    @property
+    def uses_envelopes(self) -> bool:
+        """Format 2: the data key comes in a per-device envelope, not in the manifest."""
+        return self.format == 2
 
     def file(self, path: str) -> FileEntry:
         for f in self.files:
@@ -126,8 +143,13 @@ class Manifest:
 
     def content_dict(self) -> dict[str, Any]:
         """Every field but ``recipients``: what the wrapped keys are bound to."""
+        extra: dict[str, Any] = {}
+        if self.expires is not None:
+            extra["expires"] = self.expires
+        if self.format == 2:
+            extra["key_commitment"] = self.key_commitment
         return {
-            "type": MANIFEST_TYPE, "id": self.package_id, "name": self.name,
+            "type": MANIFEST_TYPES[self.format], "id": self.package_id, "name": self.name,
             "kind": self.kind, "version": self.version, "sequence": self.sequence,
             "created": self.created,
             "payload": {"size": self.size, "sha256": self.sha256,
@@ -135,16 +157,19 @@ class Manifest:
                         "cipher": CIPHER},
             "files": [f.to_dict() for f in self.files], "entry": self.entry,
             "mnn": self.mnn, "golden": self.golden, "base": self.base,
-            "signer": self.signer, "key_wrap": KEY_WRAP,
-            **({"expires": self.expires} if self.expires is not None else {}),
+            "signer": self.signer, "key_wrap": KEY_WRAPS[self.format], **extra,
         }
 
     def content_digest(self) -> bytes:
+        """SHA-256 of the canonical content: the HKDF salt of every wrap. In format 2 the
+        content is the whole manifest, so this is the digest of the signed manifest bytes
+        (what an envelope names)."""
         return hashlib.sha256(canonical_bytes(self.content_dict())).digest()
 
     def to_dict(self) -> dict[str, Any]:
         d = self.content_dict()
-        d["recipients"] = {fp: w.to_dict() for fp, w in sorted(self.recipients.items())}
+        if self.format == 1:
+            d["recipients"] = {fp: w.to_dict() for fp, w in sorted(self.recipients.items())}
         return d
 
     def to_bytes(self) -> bytes:
@@ -153,9 +178,12 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
         _want(isinstance(d, dict), "not a JSON object")
-        _want(d.get("type") == MANIFEST_TYPE, f"type must be {MANIFEST_TYPE!r}",
+        fmt = next((f for f, t in MANIFEST_TYPES.items() if d.get("type") == t), None)
+        _want(fmt is not None, f"type must be one of {sorted(MANIFEST_TYPES.values())}",
               type=d.get("type"))
-        _want(d.get("key_wrap") == KEY_WRAP, "unknown key wrap", key_wrap=d.get("key_wrap"))
+        assert fmt is not None
+        _want(d.get("key_wrap") == KEY_WRAPS[fmt], "unknown key wrap",
+              key_wrap=d.get("key_wrap"))
         payload = d.get("payload")
         _want(isinstance(payload, dict), "payload must be an object")
         _want(payload.get("cipher") == CIPHER, "unknown cipher", cipher=payload.get("cipher"))
@@ -175,14 +203,8 @@ class Manifest:
             _want(d.get(opt) is None or isinstance(d.get(opt), dict), f"{opt} must be an object")
         _want(kind != "lora" or isinstance(d.get("base"), dict),
               "a lora package must carry its base binding")
-        recips = d.get("recipients")
-        _want(isinstance(recips, dict) and len(recips) > 0, "no recipients")
-        recipients: dict[str, WrappedKey] = {}
-        for fp, w in recips.items():
-            _want(bool(_FP.fullmatch(fp)) and isinstance(w, dict)
-                  and isinstance(w.get("epk"), str) and isinstance(w.get("wrapped_key"), str)
-                  and set(w) == {"epk", "wrapped_key"}, "malformed recipient", recipient=fp)
-            recipients[fp] = WrappedKey(epk=w["epk"], wrapped_key=w["wrapped_key"])
+        recipients = cls._recipients(d.get("recipients")) if fmt == 1 else {}
+        commitment = _str(d, "key_commitment", _HEX64) if fmt == 2 else None
         _want(cls.valid_name(d.get("name")), "name is missing or malformed",
               field="name")
         expires = d.get("expires")
@@ -195,9 +217,20 @@ class Manifest:
                 sha256=_str(payload, "sha256", _HEX64), chunk_size=chunk_size,
                 files=files, entry=entry, signer=_str(d, "signer", _FP),
                 recipients=recipients, mnn=d.get("mnn"), golden=golden, base=d.get("base"),
-                expires=expires)
+                expires=expires, format=fmt, key_commitment=commitment)
         _want(m.to_dict() == d, "unknown or extra fields")
         return m
+
+    @staticmethod
+    def _recipients(raw: Any) -> dict[str, WrappedKey]:
+        _want(isinstance(raw, dict) and len(raw) > 0, "no recipients")
+        out: dict[str, WrappedKey] = {}
+        for fp, w in raw.items():
+            _want(bool(_FP.fullmatch(fp)) and isinstance(w, dict)
+                  and isinstance(w.get("epk"), str) and isinstance(w.get("wrapped_key"), str)
+                  and set(w) == {"epk", "wrapped_key"}, "malformed recipient", recipient=fp)
+            out[fp] = WrappedKey(epk=w["epk"], wrapped_key=w["wrapped_key"])
+        return out
 
     @staticmethod
     def _files(raw: Any, size: int) -> tuple[FileEntry, ...]:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleet.core import errors
 from fleet.core.package.chunks import decrypt_chunks, payload_length
+from fleet.core.package.envelope import check_envelope, open_envelope
 from fleet.core.package.layout import parse_header, read_header_bytes
 from fleet.core.package.limits import Limits
 from fleet.core.package.manifest import Manifest
@@ -93,8 +94,11 @@ def open_header(f: BinaryIO, trusted_signer: Signers,
                 device_fingerprint: str | None = None,
                 installed_state: Mapping[str, ModelState] | None = None,
                 limits: Limits | None = None, allowance: RollbackAllowance | None = None,
-                ) -> OpenedHeader:
-    """Read and verify the header; unwrap the data key when a device key is given."""
+                envelope: bytes | None = None) -> OpenedHeader:
+    """Read and verify the header; unwrap the data key when a device key is given.
+
+    ``envelope``: the device's key envelope, needed by a format-2 package whenever a
+    device key or fingerprint is given (:mod:`.envelope`)."""
     from fleet.core.package.keyid import fingerprint_public_key
 
     limits = limits or Limits()
@@ -102,12 +106,16 @@ def open_header(f: BinaryIO, trusted_signer: Signers,
         device_fingerprint = fingerprint_public_key(device_key.public_key())
     raw = read_header_bytes(f, limits)
     m = verify_manifest(raw, trusted_signer, device_fingerprint, installed_state,
-                        limits=limits, allowance=allowance)
+                        limits=limits, allowance=allowance, envelope=envelope)
     header = parse_header(raw, limits)
     key = None
     if device_key is not None and device_fingerprint is not None:
-        key = unwrap_data_key(m.recipients[device_fingerprint], device_key,
-                              device_fingerprint, m.content_digest())
+        if m.uses_envelopes:
+            env = check_envelope(envelope, m, device_fingerprint)
+            key = open_envelope(env, device_key, m)
+        else:
+            key = unwrap_data_key(m.recipients[device_fingerprint], device_key,
+                                  device_fingerprint, m.content_digest())
     return OpenedHeader(m, header.header_digest, header.payload_offset, key, raw)
 
 
@@ -119,16 +127,24 @@ def decrypt_package(path: str | os.PathLike[str], trusted_signer: Signers,
                     on_header: Callable[[bytes], None] | None = None,
                     limits: Limits | None = None,
                     allowance: RollbackAllowance | None = None,
-                    check_manifest: Callable[[Manifest], None] | None = None) -> Manifest:
+                    check_manifest: Callable[[Manifest], None] | None = None,
+                    envelope: bytes | None = None) -> Manifest:
     """Verify a whole package file; plaintext goes only to ``write`` (if given).
 
     ``on_header``/``on_ciphertext`` see the raw bytes as they are read (the store keeps
     exactly the bytes it checked). ``check_manifest`` runs extra policy (e.g. the LoRA
-    base binding) after the header is trusted and before any payload is read."""
+    base binding) after the header is trusted and before any payload is read.
+    ``envelope``: this device's key envelope (format 2 packages); without one, the
+    bundle ``PATH.envelopes`` beside the package is searched for this key's."""
     p = Path(path)
+    if envelope is None:
+        from fleet.core.package.bundle import bundle_path, find_envelope
+        from fleet.core.package.keyid import fingerprint_public_key
+
+        envelope = find_envelope(bundle_path(p), fingerprint_public_key(device_key.public_key()))
     with p.open("rb") as f:
         opened = open_header(f, trusted_signer, device_key, installed_state=installed_state,
-                             limits=limits, allowance=allowance)
+                             limits=limits, allowance=allowance, envelope=envelope)
         m = opened.manifest
         if check_manifest is not None:
             check_manifest(m)

@@ -12,6 +12,9 @@ can do the ECDH step with a key that never leaves the hardware. For each recipie
 
 Binding the content digest means a wrapped key lifted into another package does not open
 there; binding the fingerprint and epk means it only opens for the device it names.
+
+This is format 1's wrap, each one inside the signed manifest. Format 2 wraps the same way
+(label ``fleet.kek/2``) into a per-device envelope instead: :mod:`.envelope`.
 """
 
 from __future__ import annotations

@@ -10,8 +10,12 @@ lists the threats). Order of checks in :func:`verify_manifest`, and why:
    a key the device's root of trust no longer lists (revoked, :mod:`.trust`);
 4. the Ed25519 signature verifies (BadSignatureError): the trusted key signed *something*,
    and these bytes are not it, i.e. they were edited after signing;
-5. the manifest is well formed (FormatError) and within limits (SizeLimitError);
-6. this device is a recipient (NotRecipientError);
+5. the manifest is well formed (FormatError; its type matches the header's format
+   version) and within limits (SizeLimitError);
+6. this device is a recipient: format 1, its fingerprint is in ``recipients``
+   (NotRecipientError); format 2, its key envelope came (MissingEnvelopeError), is well
+   formed (EnvelopeFormatError), names this manifest (EnvelopeMismatchError) and this
+   device (NotRecipientError);
 7. version rules against the installed state (ReplayError, RollbackError).
 """
 
@@ -26,13 +30,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fleet.core import errors
 from fleet.core.package.canonical import parse_canonical
+from fleet.core.package.envelope import Envelope, check_envelope
 from fleet.core.package.keyid import fingerprint_public_key
 from fleet.core.package.layout import Header, parse_header
 from fleet.core.package.limits import Limits
 from fleet.core.package.manifest import Manifest
 
 __all__ = ["ModelState", "RollbackAllowance", "Signers", "check_base_binding",
-           "check_limits", "check_signature", "check_version", "verify_manifest"]
+           "check_limits", "check_recipient", "check_signature", "check_version",
+           "verify_manifest"]
 
 #: who may sign: one pinned key, or the online keys of the device's root (a KeyRing)
 Signers = ed25519.Ed25519PublicKey | Mapping[str, ed25519.Ed25519PublicKey]
@@ -162,25 +168,42 @@ def check_base_binding(m: Manifest, installed_base: Manifest | None) -> None:
             f"v{installed_base.version}", reason="digest_mismatch", mismatches=mismatches)
 
 
+def check_recipient(m: Manifest, device_fingerprint: str, envelope: bytes | None
+                    ) -> Envelope | None:
+    """Step 6: is the package for this device? Format 2 answers from its envelope (which
+    is returned); format 1 from ``recipients`` (an envelope is then ignored)."""
+    if m.uses_envelopes:
+        return check_envelope(envelope, m, device_fingerprint)
+    if device_fingerprint not in m.recipients:
+        raise errors.NotRecipientError(
+            f"package {m.name} v{m.version} is not addressed to this device",
+            device=device_fingerprint, recipients=sorted(m.recipients))
+    return None
+
+
 def verify_manifest(header_bytes: bytes, trusted_signer: Signers,
                     device_fingerprint: str | None,
                     installed_state: Mapping[str, ModelState] | None,
                     *, limits: Limits | None = None,
-                    allowance: RollbackAllowance | None = None) -> Manifest:
+                    allowance: RollbackAllowance | None = None,
+                    envelope: bytes | None = None) -> Manifest:
     """Decide whether a package header may be installed here; return its manifest.
 
     ``device_fingerprint`` None skips the recipient check and ``installed_state`` None the
-    version check (the controller reading its own packages)."""
+    version check (the controller reading its own packages). ``envelope``: this device's
+    key envelope (format 2)."""
     limits = limits or Limits()
     header: Header = parse_header(header_bytes, limits)
     doc = check_signature(header.manifest_bytes, header.sig_alg, header.signature,
                           trusted_signer)
     m = Manifest.from_dict(doc)
+    if m.format != header.version:
+        raise errors.FormatError(
+            f"a format {header.version} package holds a format {m.format} manifest",
+            version=header.version, manifest_format=m.format)
     check_limits(m, limits)
-    if device_fingerprint is not None and device_fingerprint not in m.recipients:
-        raise errors.NotRecipientError(
-            f"package {m.name} v{m.version} is not addressed to this device",
-            device=device_fingerprint, recipients=sorted(m.recipients))
+    if device_fingerprint is not None:
+        check_recipient(m, device_fingerprint, envelope)
     if installed_state is not None:
         check_version(m, installed_state.get(m.name), allowance)
     return m

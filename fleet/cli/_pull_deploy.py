@@ -1,0 +1,83 @@
+"""``fleet deploy`` to pull devices: package once (with the server's escrow key as a
+recipient, so devices that enroll later get it too), write the desired state, return;
+``--wait`` follows the steps until every device has ended or the deadline passed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fleet.cli._output import emit, err, table
+from fleet.cli._targets import Targets
+from fleet.core import errors
+from fleet.home import FleetHome
+from fleet.registry import Device, Registry
+from fleet.registry import history as hist
+from fleet.rollout import pull
+from fleet.rollout.deploy import DeployJob
+
+__all__ = ["deploy_pull", "pull_rows"]
+
+POLL_S = 1.0
+
+
+def pull_rows(reg: Registry, dep_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Per device: the step and how it reads in pull mode (``waiting for check-in`` ...)."""
+    return [{"device": d.name, "wave": st.wave, "state": st.state.value,
+             "status": pull.step_view(st.state), "error_code": st.error_code,
+             "error": st.error_message} for st, d in hist.steps_of(reg, dep_id)]
+
+
+def deploy_pull(home: FleetHome, reg: Registry, model: Path, devs: list[Device],
+                tg: Targets, package: Callable[[list[Device]], DeployJob], *,
+                waves: str | None, max_failed: int, wait: bool, deadline: float,
+                as_json: bool) -> None:
+    """Write the desired state of a pull deployment (see the module docstring)."""
+    from fleet.server.escrow import escrow_device
+
+    push = [d.name for d in devs if not pull.is_pull(d)]
+    if push:
+        raise errors.UsageError(f"pull and push devices in one deploy ({', '.join(push)} "
+                                "are push devices): deploy them separately", devices=push)
+    revoked = [d.name for d in devs if d.revoked_at is not None]
+    targets = [d for d in devs if d.revoked_at is None]
+    if revoked:
+        err.print(f"left out (revoked): {', '.join(revoked)}", highlight=False)
+    ready = [d for d in targets if d.public_key and d.fingerprint]
+    job = package([*ready, escrow_device(home)])
+    groups = list(tg.groups) if not tg.selectors and not tg.devices else []
+    dep_id = pull.start(reg, job, targets, target=tg.describe(), groups=groups, waves=waves,
+                        max_failed=max_failed)
+    err.print(f"{job.name}@{job.version}: desired state written for "
+              f"{len(targets)} pull device(s) (deployment {dep_id}); they take it at "
+              "their next check-in", highlight=False)
+    if wait:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            dep = hist.get_deployment(reg, dep_id)
+            steps = hist.steps_of(reg, dep_id)
+            staged_done = not job.activate
+            if dep.status.finished or all(
+                    st.state.terminal or (staged_done and st.state.value == "staged")
+                    for st, _ in steps):
+                break
+            time.sleep(POLL_S)
+    dep = hist.get_deployment(reg, dep_id)
+    rows = pull_rows(reg, dep_id)
+    failed = [r for r in rows if r["state"] in ("failed", "rollback_failed")]
+    doc = {"deployment": dep_id, "mode": pull.MODE, "state": dep.status.value,
+           "model": f"{job.name}@{job.version}", "name": job.name, "version": job.version,
+           "results": rows, "failed": len(failed), "revoked": revoked,
+           "halted_at_wave": dep.halted_at_wave, "targets": tg.to_dict()}
+    emit(doc, as_json=as_json, render=lambda c: c.print(table(
+        f"deploy {job.name}@{job.version} in pull mode (deployment {dep_id}: "
+        f"{dep.status.value})", ["device", "wave", "status", "error"],
+        [(r["device"], r["wave"] or "-", r["status"],
+          f"{r['error_code']}: {r['error']}" if r["error_code"] else "") for r in rows])))
+    if wait and failed:
+        raise errors.PartialFailureError(
+            f"deploy: {len(failed)} pull device(s) failed", failed={
+                r["device"]: r["error_code"] for r in failed})
