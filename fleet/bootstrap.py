@@ -29,10 +29,12 @@ to build: it downloads) and ``<cache>/project-<tag>-<key>/`` (key: the install's
 
 A board of another architecture (an aarch64 board from an x86-64 controller) is asked for
 its machine, CPython version and ABI, and glibc (:mod:`fleet.bootstrap_board`), and gets a
-wheelhouse made for exactly that (:func:`wheelhouse_for`, :mod:`fleet.bootstrap_cross`):
+wheelhouse made for exactly that (:func:`fleet.bootstrap_cross.wheelhouse_for`):
 only the agent's dependencies, downloaded as wheels for its platform, and the project's
-wheel with its native parts cross-compiled. The agent's dependencies are then installed by
-name and the project wheel without its (controller) requirements.
+wheel with its native parts cross-compiled. Those wheels, pinned and closed on the
+controller, are installed as files with ``--no-deps`` (the project wheel's own requirements
+are the controller's). A board whose Python has no ``ensurepip`` (Debian without
+``python3-venv``) gets a venv ``--without-pip`` and pip runs from the pushed pip wheel.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from fleet.transports.base import Transport
 
 __all__ = ["BootstrapResult", "Wheelhouse", "bootstrap", "build_wheelhouse",
            "dependency_wheels", "python_tag", "remake_installed_wheel", "runtime_requirements",
-           "wheel_board_tag", "wheelhouse_for", "wheelhouse_from_dir"]
+           "wheel_board_tag", "wheelhouse_from_dir"]
 
 Log = Callable[[str], None]
 _PIP_ENV = "PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1"
@@ -89,9 +91,9 @@ class Wheelhouse:
     tag: str
     build_s: float  #: time spent building in this call (0 when fully cached)
     cached: bool
-    #: Requirements installed by name before the project wheel, which then goes in with
-    #: ``--no-deps`` (a cross-architecture wheelhouse holds the agent's dependencies only).
-    #: Empty: the project wheel brings its requirements from the wheelhouse itself.
+    #: The pinned dependency closure these wheels are (a cross-architecture wheelhouse:
+    #: the agent's dependencies only, installed as files with ``--no-deps``). Empty: the
+    #: project wheel brings its requirements from the wheelhouse itself.
     requirements: list[str] = field(default_factory=list)
 
 
@@ -346,43 +348,6 @@ def build_wheelhouse(cache_dir: Path, *, rebuild: bool = False, log: Log = lambd
                       build_s=0.0 if cached else time.monotonic() - start, cached=cached)
 
 
-def wheelhouse_for(cache_dir: Path, board: BoardPlatform, *, rebuild: bool = False,
-                   log: Log = lambda _: None) -> Wheelhouse:
-    """The wheelhouse for ``board``: :func:`build_wheelhouse` when it is this controller's
-    own platform, else the agent's dependencies for its platform and the project wheel
-    cross-built for it (:mod:`fleet.bootstrap_cross`), all cached under ``cache_dir``.
-
-    Raises :class:`NotFoundError` naming a dependency that has no wheel for the board,
-    :class:`UsageError` when the board's wheel cannot be made here (see
-    :func:`fleet.bootstrap_cross.cross_project_wheel`).
-    """
-    from fleet.bootstrap_cross import (
-        agent_requirements,
-        cross_project_wheel,
-        download_dependencies,
-        pure_project_wheel,
-    )
-
-    if board.tag == python_tag():
-        return build_wheelhouse(cache_dir, rebuild=rebuild, log=log)
-    dist = _distribution()
-    start = time.monotonic()
-    reqs = agent_requirements(runtime_requirements(dist), board)
-    with _locked(cache_dir):
-        before = {p.name for p in cache_dir.glob("deps-*")}
-        deps = download_dependencies(cache_dir, board, reqs, rebuild=rebuild, log=log)
-        deps_built = {p.name for p in cache_dir.glob("deps-*")} != before or rebuild
-        source = editable_project()
-        base, base_built = pure_project_wheel(
-            cache_dir, source, _source_key(source) if source else "", log=log)
-        project, built = cross_project_wheel(cache_dir, base, source, board,
-                                             rebuild=rebuild, log=log)
-    cached = not (deps_built or base_built or built)
-    return Wheelhouse(wheels=[*deps, project], project_wheel=project, tag=board.tag,
-                      build_s=0.0 if cached else time.monotonic() - start, cached=cached,
-                      requirements=reqs)
-
-
 def _remote(t: Transport, script: str, *args: str, timeout: float = 120.0,
             what: str = "command") -> str:
     res = t.run(["sh", "-c", script, "sh", *args], timeout=timeout)
@@ -434,10 +399,12 @@ def bootstrap(t: Transport, device: str, house: Wheelhouse, *, venv: str, agent_
     t1 = time.monotonic()
     # A Python without ensurepip (Debian's python3 without python3-venv, many minimal
     # images) still makes a venv --without-pip; pip then runs from the pushed pip wheel.
-    venv_abs = _remote(
-        t, '[ -x "$1/bin/python" ] || "$2" -m venv -- "$1" >/dev/null 2>&1 || '
-           '"$2" -m venv --without-pip -- "$1" >&2 || exit 1; cd -- "$1" && pwd -P',
-        venv, python, timeout=300, what="venv creation").strip().splitlines()[-1]
+    made = _remote(
+        t, 'if [ -x "$1/bin/python" ]; then echo kept; else "$2" -m venv -- "$1" >/dev/null '
+           '2>&1 || "$2" -m venv --without-pip -- "$1" >&2 || exit 1; echo new; fi; '
+           'cd -- "$1" && pwd -P', venv, python, timeout=300, what="venv creation"
+    ).strip().splitlines()
+    fresh, venv_abs = made[-2] == "new", made[-1]
     has_pip = _remote(t, '[ -x "$1/bin/pip" ] && echo yes || echo no', venv_abs,
                       what="pip check").strip() == "yes"
     pip_wheel = next((w for w in house.wheels if re.fullmatch(r"pip-[^-]+-py3-none-any\.whl",
@@ -449,13 +416,19 @@ def bootstrap(t: Transport, device: str, house: Wheelhouse, *, venv: str, agent_
     pip_path = "" if has_pip else f"{wheel_dir}/{pip_wheel.name}"  # type: ignore[union-attr]
     project = f"{wheel_dir}/{house.project_wheel.name}"
     py = f"{venv_abs}/bin/python"
-    if house.requirements:  # the agent's dependencies by name, then the project alone;
-        # no bytecode now (an emulated or slow board compiles what it imports, once)
-        _remote(t, f'py="$1"; d="$3"; p="$4"; [ -n "$2" ] && export PYTHONPATH="$2"; '
+    if house.requirements:
+        # The dependency closure was pinned on the controller: the wheel files go in as
+        # they are (--no-deps: no resolver run on a slow board), with the project in the
+        # same pip run on a fresh venv; no bytecode now (the board compiles what it
+        # imports, once).
+        deps = [f"{wheel_dir}/{w.name}" for w in house.wheels
+                if w not in (house.project_wheel, pip_wheel)]
+        _remote(t, f'py="$1"; p="$3"; fresh="$4"; [ -n "$2" ] && export PYTHONPATH="$2"; '
                    f'shift 4; {_PIP_ENV} "$py" -m pip install -q --no-compile --no-index '
-                   f'--find-links "$d" "$@" && {_PIP_ENV} "$py" -m pip install -q '
-                   '--no-compile --no-index --no-deps --force-reinstall "$p"',
-                py, pip_path, wheel_dir, project, *house.requirements, timeout=1800,
+                   '--no-deps "$@" "$p" && { [ "$fresh" = 1 ] || '
+                   f'{_PIP_ENV} "$py" -m pip install -q --no-compile --no-index --no-deps '
+                   '--force-reinstall "$p"; }',
+                py, pip_path, project, "1" if fresh else "0", *deps, timeout=1800,
                 what="pip install")
     else:
         _remote(t, f'[ -n "$2" ] && export PYTHONPATH="$2"; {_PIP_ENV} "$1" -m pip install -q '

@@ -47,11 +47,21 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from fleet._version import editable_project
+from fleet.bootstrap import (
+    Wheelhouse,
+    _distribution,
+    _locked,
+    _source_key,
+    build_wheelhouse,
+    python_tag,
+    runtime_requirements,
+)
 from fleet.bootstrap_board import ABI_VARS, BoardPlatform, controller_platform
 from fleet.core import errors
 
 __all__ = ["AGENT_DISTRIBUTIONS", "agent_requirements", "cross_project_wheel",
-           "download_dependencies", "glibc_needed", "pure_project_wheel"]
+           "download_dependencies", "glibc_needed", "pure_project_wheel", "wheelhouse_for"]
 
 Log = Callable[[str], None]
 #: What the agent imports on a board (fleet_agent and fleet.core); the rest of the
@@ -348,3 +358,33 @@ def cross_project_wheel(cache_dir: Path, base_wheel: Path, project: Path | None,
             shutil.rmtree(old, ignore_errors=True)
     log(f"{wheel.name} made in {time.monotonic() - t0:.0f}s")
     return wheel, True
+
+
+def wheelhouse_for(cache_dir: Path, board: BoardPlatform, *, rebuild: bool = False,
+                   log: Log = lambda _: None) -> Wheelhouse:
+    """The wheelhouse for ``board``: :func:`fleet.bootstrap.build_wheelhouse` when it is
+    this controller's own platform, else the agent's dependencies for its platform and the
+    project wheel cross-built for it, all cached under ``cache_dir``.
+
+    Raises :class:`NotFoundError` naming a dependency that has no wheel for the board,
+    :class:`UsageError` when the board's wheel cannot be made here (see
+    :func:`fleet.bootstrap_cross.cross_project_wheel`).
+    """
+    if board.tag == python_tag():
+        return build_wheelhouse(cache_dir, rebuild=rebuild, log=log)
+    dist = _distribution()
+    start = time.monotonic()
+    reqs = agent_requirements(runtime_requirements(dist), board)
+    with _locked(cache_dir):
+        before = {p.name for p in cache_dir.glob("deps-*")}
+        deps = download_dependencies(cache_dir, board, reqs, rebuild=rebuild, log=log)
+        deps_built = {p.name for p in cache_dir.glob("deps-*")} != before or rebuild
+        source = editable_project()
+        base, base_built = pure_project_wheel(
+            cache_dir, source, _source_key(source) if source else "", log=log)
+        project, built = cross_project_wheel(cache_dir, base, source, board,
+                                             rebuild=rebuild, log=log)
+    cached = not (deps_built or base_built or built)
+    return Wheelhouse(wheels=[*deps, project], project_wheel=project, tag=board.tag,
+                      build_s=0.0 if cached else time.monotonic() - start, cached=cached,
+                      requirements=reqs)

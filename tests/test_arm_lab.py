@@ -34,21 +34,23 @@ import pytest
 from fleet_agent.probe import stable_view
 from fleet_agent.runtime_config import write_runtime_config
 
-from fleet.bootstrap import wheelhouse_for
 from fleet.bootstrap_board import BoardPlatform, controller_platform
+from fleet.bootstrap_cross import wheelhouse_for
 from fleet.connect import open_device
 from fleet.core.mnn.session import RuntimeConfig
 from fleet.home import FleetHome
 from fleet.lab import arm_binfmt, iot
 from fleet.registry import Registry
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+# The module's lab is made in the first test's setup: a cold root build takes minutes.
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "build" / "wheelhouse-cache"
 OUT = REPO / "build" / "arm-lab"
 CPUS = {"max": "max,pauth=off", "a53": "cortex-a53"}
-DEPLOY = ["--iterations", "2", "--warmup", "1", "--workers", "2", "--json"]
+#: Timings mean nothing on an emulated CPU: one timed run per candidate.
+DEPLOY = ["--iterations", "1", "--warmup", "0", "--workers", "2", "--json"]
 #: What Debian bookworm's arm64 python3 says (fleet.bootstrap_board): the wheelhouse for it
 #: is made while the root is built (cores idle otherwise); bootstrap then finds it cached,
 #: or makes its own if the board says anything else.
@@ -76,10 +78,11 @@ def _fleet(home: FleetHome, *args: str, timeout: float = 900) -> dict[str, Any] 
     return doc
 
 
-def _agent(home: FleetHome, name: str, verb: str, **kw: Any) -> dict[str, Any]:
+def _agent(home: FleetHome, device: str, verb: str, **kw: Any) -> dict[str, Any]:
+    """One agent call through the registered transport (``AgentClient.<verb>(**kw)``)."""
     reg = Registry.open(home)
     try:
-        transport, agent = open_device(home, reg.get_device(name))
+        transport, agent = open_device(home, reg.get_device(device))
     finally:
         reg.close()
     with transport:

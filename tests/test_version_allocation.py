@@ -228,8 +228,8 @@ def test_two_concurrent_deploys_of_one_name_never_share_a_version(
     init_signing_key(home)
     root = _enrolled(tmp_path, home, registry, "d")
     models = [make_tiny_mnn(tmp_path / f"{k}.mnn", seed=s) for k, s in (("a", 11), ("b", 12))]
-    env = {"FLEET_HOME": str(home.path), "NO_COLOR": "1", "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": f"{REPO / 'agents'}:{REPO}"}
+    env = {"FLEET_HOME": str(home.path), "FLEET_DB": home.db_url, "NO_COLOR": "1",
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'agents'}:{REPO}"}
     procs = [subprocess.Popen([*DEPLOY, "deploy", str(m), "--name", "m", "--device", "d",
                                "--json", "--iterations", "1", "--warmup", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

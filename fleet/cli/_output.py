@@ -14,9 +14,9 @@ sets it, :mod:`fleet.cli.app`), so commands do not pass it around:
 
 Errors under ``json``/``yaml``: stdout is one document ``{"error": {"code", "message",
 "exit"}}`` (:func:`error_document`) beside the one ``error:`` line on stderr and the exit
-code; a document the command had already produced keeps its fields and gains ``error``
-(an object) or becomes ``{"data": [...], "error": ...}`` (a list), so stdout always parses
-and ``.error`` says what failed.
+code. A command that had produced its document and then failed (a fan-out where some
+devices failed) keeps that document, which gains ``error`` if it is an object; a list
+stays a list (its rows carry each device's error). Either way stdout is one document.
 
 Text that comes from a device or a model (agent error messages, reasons, findings, names a
 device reports) is always printed as text: :func:`table` cells and titles are literal
@@ -191,21 +191,22 @@ def error_document(code: str, message: str, exit_code: int) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "exit": exit_code}}
 
 
-def finish(error: dict[str, Any] | None = None) -> None:
-    """The command ended: print the held documents; with ``error`` (an
-    :func:`error_document`) and a structured format, put it into the last document, or
-    print it alone when there is none. Once per command line."""
+def finish(error: dict[str, Any] | None = None, *, merge: bool = True) -> None:
+    """The command ended: print the held documents. With ``error`` (an
+    :func:`error_document`) and a structured format: printed alone when the command
+    printed nothing; put into the command's document when that is an object (and
+    ``merge``); a list is left as it is (its rows say what failed, the exit status that
+    something did). Once per command line."""
     pending, _now.pending = _now.pending, []
-    fmt = _now.format
-    if error is not None and fmt.structured and not _now.error_written:
+    if error is not None and _now.format.structured and not _now.error_written:
         _now.error_written = True
-        if pending:
-            last_fmt, last = pending.pop()
+        if not pending:
+            pending.append((_now.format, error))
+        elif merge:
+            last_fmt, last = pending[-1]
             last = to_jsonable(last)
-            merged = {**last, **error} if isinstance(last, dict) else {"data": last, **error}
-            pending.append((last_fmt, merged))
-        else:
-            pending.append((fmt, error))
+            if isinstance(last, dict):
+                pending[-1] = (last_fmt, {**last, **error})
     for doc_fmt, doc in pending:
         _write_document(doc_fmt, doc)
 

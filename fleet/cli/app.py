@@ -164,8 +164,10 @@ class _FleetGroup(TyperGroup):
             raise
         except typer.Exit as exc:
             code = int(exc.exit_code or 0)
+            # the command chose its exit status after printing its answer: that stays as
+            # it is; with nothing printed, the status becomes an error document
             _output.finish(error_document(_exit_word(code), f"stopped with exit status {code}",
-                                          code) if code else None)
+                                          code) if code else None, merge=False)
             raise
         except typer.Abort:
             _output.finish(error_document("aborted", "aborted", 1))

@@ -45,8 +45,9 @@ def bootstrap_cmd(
       fleet device bootstrap pi4
       fleet device bootstrap pi4 --wheelhouse ./wheels-aarch64
     """
-    from fleet.bootstrap import Wheelhouse, bootstrap, wheelhouse_for, wheelhouse_from_dir
+    from fleet.bootstrap import Wheelhouse, bootstrap, wheelhouse_from_dir
     from fleet.bootstrap_board import ask_board
+    from fleet.bootstrap_cross import wheelhouse_for
     from fleet.connect import device_session
     from fleet.rollout.fanout import call_each
 

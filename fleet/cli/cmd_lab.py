@@ -160,7 +160,8 @@ def down(as_json: JsonOpt = False) -> None:
 
 @lab_app.command("status")
 def status(as_json: JsonOpt = False) -> None:
-    """Every lab device with its address, link state, sshd, free store space and active faults.
+    """Every lab device with its arch and CPU model, address, link state, sshd, free store
+    space and active faults.
 
     Examples:
 

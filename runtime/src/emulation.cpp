@@ -90,7 +90,8 @@ Emulation detect_emulation(const std::string& cpuinfo) {
   }
   if (!self_exe.empty() && !real_exe.empty() && self_exe != real_exe) {
     e.real_executable = real_exe;
-    e.evidence.push("/proc/thread-self/exe is " + real_exe + ", /proc/self/exe is " + self_exe);
+    // the program's own path stays out: the module and fleet-probe must print the same
+    e.evidence.push("/proc/thread-self/exe is " + real_exe + ", not the program that runs");
     e.emulator = basename_of(real_exe).find("qemu") != std::string::npos ? "qemu" : "unknown";
   }
   const char* family = cpuinfo_family(cpuinfo);
