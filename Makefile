@@ -40,7 +40,7 @@ $(VENV)/bin/python:
 
 .stamp-venv: pyproject.toml $(VENV)/bin/python
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[controller,test]"
 	@touch $@
 
 venv: .stamp-venv
@@ -62,7 +62,7 @@ test: setup
 	$(VENV)/bin/ruff check fleet agents tests bench models migrations
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # -- checks -------------------------------------------------------------------------------
 lint: setup

@@ -66,7 +66,7 @@ __all__ = ["AGENT_DISTRIBUTIONS", "agent_requirements", "cross_project_wheel",
 Log = Callable[[str], None]
 #: What the agent imports on a board (fleet_agent and fleet.core); the rest of the
 #: project's requirements serve the controller.
-AGENT_DISTRIBUTIONS = ("numpy", "mnn", "cryptography", "tuf")
+AGENT_DISTRIBUTIONS = ("numpy", "mnn", "cryptography", "tuf", "httpx")
 _TRIPLES = {"aarch64": "aarch64-linux-gnu"}
 _PIP_ENV = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
 _NO_MATCH = re.compile(r"No matching distribution found for (\S+)")

@@ -112,3 +112,16 @@ def test_version_short_help_and_completion_are_installable(tmp_path) -> None:  #
                                             "COMP_WORDS": "fleet device list -o ",
                                             "COMP_CWORD": "4", "PATH": "/usr/bin:/bin"})
     assert res2.stdout.split() == ["json", "yaml", "wide", "tsv"], res2.stderr
+
+
+def test_a_group_split_over_modules_is_whole_when_one_module_was_imported_first() -> None:
+    # cmd_device imported alone (as a test or a library user might) registers `device`
+    # without cmd_bootstrap's subcommand: the lazy table still loads the rest of it
+    code = ("import fleet.cli.cmd_device\n"
+            "from typer.testing import CliRunner\n"
+            "from fleet.cli.app import app\n"
+            "r = CliRunner().invoke(app, ['device', 'bootstrap', '--help'])\n"
+            "print(r.exit_code, 'Usage: fleet device bootstrap' in r.output)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["0", "True"]

@@ -30,6 +30,11 @@ from fleet.home import FleetHome
 
 __all__ = ["app", "main"]
 
+#: Modules of pyproject's ``controller`` extra (the controller's services, never installed
+#: on a board): a command that needs one in an install without it exits 2 and says so.
+_CONTROLLER_EXTRA = frozenset({"psycopg", "celery", "kombu", "redis", "plotly", "fastapi",
+                               "uvicorn", "starlette"})
+
 
 #: Top-level command -> (the modules that define it, its one-line help). Commands are
 #: imported only when run, so ``fleet --help`` and ``fleet device list`` do not pay for
@@ -114,9 +119,13 @@ class _FleetGroup(TyperGroup):
         return [*COMMANDS, *extra]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name in self.commands or cmd_name not in COMMANDS:
+        if cmd_name not in COMMANDS:
             return super().get_command(ctx, cmd_name)
         modules, short = COMMANDS[cmd_name]
+        # built already, from all of its modules (one imported alone by other code, e.g.
+        # cmd_device without cmd_bootstrap, gives a group that lacks commands: built again)
+        if cmd_name in self.commands and all(m in sys.modules for m in modules):
+            return super().get_command(ctx, cmd_name)
         if self._listing:  # the help page needs names and one line each, nothing more
             # typer vendors click: `click` itself is not among our dependencies
             return TyperCommand(cmd_name, short_help=short, help=short)
@@ -175,6 +184,15 @@ class _FleetGroup(TyperGroup):
         except KeyboardInterrupt:
             _output.finish(error_document("interrupted", "interrupted (Ctrl-C)", 130))
             raise
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] not in _CONTROLLER_EXTRA:
+                raise
+            message = (f"this command needs {exc.name}, which comes with the controller's "
+                       "extra: pip install 'mnn-fleet[controller]'")
+            _output.finish(error_document("usage", message, 2))
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True,
+                      soft_wrap=True)
+            raise typer.Exit(2) from exc
         except Exception as exc:  # a bug, or a library error nothing mapped: still one line
             import logging  # only now: `fleet --help` does not pay for it
 
