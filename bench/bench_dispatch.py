@@ -1,5 +1,5 @@
 """Dispatch and completion of 10,000 device tasks through Celery to two farm workers,
-beside the in-process fan-out, in one run.
+beside the in-process fan-out and the ceilings of Celery and of the registry, in one run.
 
     .venv/bin/python bench/bench_dispatch.py [--devices 10000] [--backend postgresql]
     make bench-dispatch
@@ -13,21 +13,31 @@ event). The transport is fake and fast: each device is an in-memory ``FakeAgent`
 (``tests/fakes.py``) that answers ``status``, takes the push, stages and activates at
 once (no MNN), so what is measured is dispatch, the workers and the registry.
 
-Modes, same devices, same registry:
+Modes (same devices, same registry, same broker and workers):
 
-1. ``celery deploy``: ``run_deployment`` with the Celery dispatcher: 10k tasks sent to
-   the two hosts' queues, each worker runs the device's step (about ten registry
-   transactions: attempt, status, push, pushed, staged, activating, activation with its
-   report, device contact), the controller follows the task states until the last;
-2. ``celery no-op``: the same number of tasks that only read their device (the ceiling
-   of Celery on this machine, without the deploy's registry writes);
-3. ``in-process deploy``: ``run_deployment`` in the controller's thread pool (16
-   threads), the fan-out without farm hosts.
+1. ``in-process deploy``: ``run_deployment``'s fan-out in the controller's thread pool
+   (16 threads), no farm hosts: the alternative to the farm;
+2. ``celery trivial``: a bare Celery task (returns a constant, touches nothing) sent to
+   the two hosts' queues and its result read back as the dispatcher reads results (one
+   ``MGET`` per 500): the ceiling of Celery + Redis on this machine;
+3. ``celery no-op``: the fleet's farm task with a handler that does nothing (the
+   worker's own part: the device's row read, the cancel watch, a fan-out of one, the
+   outcome document): the ceiling of a farm task before any deploy work;
+4. ``celery deploy``: ``run_deployment`` with the Celery dispatcher: each worker runs
+   the device's real step (its writes through ``fleet.rollout.steplog``: four
+   transactions a fresh step), the controller follows the tasks until the last;
+5. ``registry: deploy steps``: the registry writes of ``--registry-n`` fresh device
+   steps alone (``StepLog``, 16 threads, no agent, no Celery): the ceiling the registry
+   puts on real steps;
+6. ``registry: 1 tx/event``: step events written one transaction each
+   (``history.set_step``, 16 threads) -- the per-event cost before batching;
+7. ``registry: batched``: step events written 500 a transaction
+   (``history.record_steps``): the registry's raw write rate.
 
-Reported: seconds to send, to complete, device tasks per second (completed and recorded),
-registry rows written per second (step events, reports) and the ratio to the in-process
-fan-out. Target (issue 16): at least 1,000 device tasks per second dispatched and
-recorded. Prints a table and writes ``bench/results/dispatch.json``.
+Reported: seconds, device tasks (or events) per second, registry rows written per second
+(step events and reports) and the rate against the target. Target (issue 16): at least
+1,000 device tasks per second dispatched and recorded. Prints a table and writes
+``bench/results/dispatch.json``.
 """
 
 from __future__ import annotations
@@ -90,12 +100,22 @@ def _noop(job: Job) -> Any:
     return lambda dev, ctx: {"device": dev.name}
 
 
+TRIVIAL = "bench.trivial"
+
+
+def _trivial_task(app: Any) -> None:
+    @app.task(name=TRIVIAL, acks_late=True)
+    def trivial() -> int:
+        return 1
+
+
 def worker_main(home: Path, host: str, concurrency: int) -> int:
     from fleet.worker.runner import run_worker
 
     fleet = LazyFleet()
     return run_worker(FleetHome(home), host, concurrency=concurrency, opener=fleet.opener,
-                      handlers={"bench.noop": Handler(_noop, lambda r: r)})
+                      handlers={"bench.noop": Handler(_noop, lambda r: r)},
+                      setup=_trivial_task)
 
 
 def _registry_url(root: Path, backend: str) -> tuple[str, Any]:
@@ -188,6 +208,104 @@ def _noops(reg: Registry, devices: list[Device], dispatcher: Any) -> dict[str, A
             "rows_per_s": 0.0}
 
 
+def _row(n: int, seconds: float, rows: int = 0, *, send_s: float | None = None,
+         create_s: float = 0.0, ok: int | None = None, unit: str = "tasks") -> dict[str, Any]:
+    done = n if ok is None else ok
+    return {"devices": n, "ok": done, "unit": unit, "create_s": create_s, "send_s": send_s,
+            "complete_s": seconds, "tasks_per_s": done / seconds, "rows_written": rows,
+            "rows_per_s": rows / seconds}
+
+
+def _trivials(n: int, dispatcher: Any) -> dict[str, Any]:
+    """``n`` bare Celery tasks over the two queues, results read as the dispatcher reads
+    them (``CeleryBroker.states``: one MGET per 500 pending)."""
+    from fleet.worker.settings import queue_for
+
+    app = dispatcher.broker.app
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    t0 = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for i, tid in enumerate(ids):
+            app.send_task(TRIVIAL, task_id=tid, queue=queue_for("ab"[i % 2]),
+                          producer=producer)
+    t1 = time.perf_counter()
+    pending = set(ids)
+    while pending:
+        done = {tid for tid, st in dispatcher.broker.states(sorted(pending)).items()
+                if st.state == "SUCCESS"}
+        pending -= done
+        if pending:
+            time.sleep(0.05)
+    return _row(n, time.perf_counter() - t0, send_s=t1 - t0)
+
+
+def _threads(items: list[Any], fn: Any, workers: int = 16) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fn, items))
+    return time.perf_counter() - t0
+
+
+def _fresh_steps(reg: Registry, devices: list[Device], tag: str) -> tuple[uuid.UUID, list[Any]]:
+    dep, steps = hist.create_deployment(reg, name=f"bench-{tag}", version=1, target="bench",
+                                        devices=devices, artifact_id=None, lease=None,
+                                        options={})
+    return dep.id, [(steps[d.name].id, d) for d in devices]
+
+
+def _registry_steps(reg: Registry, devices: list[Device]) -> dict[str, Any]:
+    """The registry writes of a fresh deploy step (what ``_Device.run`` keeps in its
+    StepLog and when it flushes), with no agent: the registry's ceiling on real steps."""
+    from fleet.registry.models import StepState
+    from fleet.rollout.steplog import StepLog
+
+    dep_id, steps = _fresh_steps(reg, devices, "steps")
+    body = {"name": "m", "version": 1, "digest": "digest-m-1", "pick": {"backend": "cpu"}}
+    status = {"installed": {}, "disk": {"free": 2**34}}
+
+    def step(item: Any) -> None:
+        step_id, dev = item
+        log = StepLog(reg, step_id, dev)
+        log.attempt(1, StepState.PENDING)
+        log.contact(agent_version="bench")
+        log.status_facts(status)
+        log.move(StepState.PUSHING, remote="/x")
+        log.flush()
+        log.move(StepState.PUSHED, bytes_sent=1, resumed_from=0, sha256="0" * 64)
+        log.move(StepState.STAGED, version=1)
+        log.flush()
+        log.move(StepState.ACTIVATING)
+        log.flush()
+        log.activation(body, deployment_id=dep_id, bytes_sent=1)
+        log.contact(status="ok")
+        log.flush()
+
+    seconds = _threads(steps, step)
+    return _row(len(steps), seconds, _rows_written(reg, dep_id) - len(steps))
+
+
+def _registry_events(reg: Registry, devices: list[Device], *, batched: bool
+                     ) -> dict[str, Any]:
+    """One event per step: one transaction each (``set_step``, 16 threads) or 500 to a
+    transaction (``record_steps``)."""
+    from fleet.registry.models import StepState
+
+    dep_id, steps = _fresh_steps(reg, devices, "batched" if batched else "events")
+    if batched:
+        changes = [hist.StepChange(sid, StepState.PUSHING, {"remote": "/x"})
+                   for sid, _ in steps]
+        t0 = time.perf_counter()
+        for i in range(0, len(changes), 500):
+            hist.record_steps(reg, changes[i:i + 500])
+        seconds = time.perf_counter() - t0
+    else:
+        seconds = _threads(steps, lambda item: hist.set_step(reg, item[0], StepState.PUSHING,
+                                                             remote="/x"))
+    return _row(len(steps), seconds, _rows_written(reg, dep_id) - len(steps), unit="events")
+
+
 def _start_workers(root: Path, home: FleetHome, concurrency: int) -> list[subprocess.Popen[bytes]]:
     procs = []
     env = {k: v for k, v in os.environ.items() if k not in ("FLEET_DB", "FLEET_BROKER")}
@@ -211,7 +329,7 @@ def _wait_live(reg: Registry, hosts: set[str]) -> None:
         time.sleep(0.2)
 
 
-def run(n: int, backend: str, concurrency: int) -> dict[str, Any]:
+def run(n: int, backend: str, concurrency: int, registry_n: int) -> dict[str, Any]:
     from fleet.lab import redis as lab_redis
     from fleet.worker.dispatch import dispatcher_for
 
@@ -235,11 +353,16 @@ def run(n: int, backend: str, concurrency: int) -> dict[str, Any]:
         rows: dict[str, Any] = {}
         disp = dispatcher_for(home, reg)
         assert disp is not None
+        few = devices[:registry_n]
+        rows["in-process deploy"] = _deploy(home, reg, job, devices, dispatcher=None,
+                                            opener=LazyFleet().opener)
+        rows["celery trivial"] = _trivials(n, disp)
         rows["celery no-op"] = _noops(reg, devices, disp)
         rows["celery deploy"] = _deploy(home, reg, job, devices,
                                         dispatcher=dispatcher_for(home, reg), opener=None)
-        rows["in-process deploy"] = _deploy(home, reg, job, devices, dispatcher=None,
-                                            opener=LazyFleet().opener)
+        rows["registry: deploy steps"] = _registry_steps(reg, few)
+        rows["registry: 1 tx/event"] = _registry_events(reg, few, batched=False)
+        rows["registry: batched"] = _registry_events(reg, devices, batched=True)
         return rows
     finally:
         for p in procs:
@@ -267,30 +390,34 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--backend", choices=("postgresql", "sqlite"), default="postgresql")
     ap.add_argument("--concurrency", type=int, default=8, help="threads per worker")
+    ap.add_argument("--registry-n", type=int, default=2000,
+                    help="device steps for the registry-only modes")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "dispatch.json")
     args = ap.parse_args()
     if args.cmd == "worker":
         return worker_main(args.home, args.host, args.concurrency)
-    rows = run(args.devices, args.backend, args.concurrency)
-    base = rows["in-process deploy"]["tasks_per_s"]
-    print(f"{args.devices} device tasks, registry on {args.backend}, 2 workers x "
-          f"{args.concurrency} threads, {os.cpu_count()} CPU(s)")
-    print(f"{'mode':20} {'create s':>9} {'send s':>8} {'complete s':>11} {'tasks/s':>9} "
-          f"{'rows/s':>9} {'x in-process':>13}")
+    rows = run(args.devices, args.backend, args.concurrency, args.registry_n)
+    print(f"{args.devices} device tasks ({args.registry_n} for the registry-only steps and "
+          f"1 tx/event), registry on {args.backend}, 2 workers x {args.concurrency} "
+          f"threads, {os.cpu_count()} CPU(s)")
+    print(f"{'mode':24} {'n':>6} {'send s':>7} {'total s':>8} {'per s':>8} {'unit':>7} "
+          f"{'rows/s':>7} {'of target':>9}")
     for mode, r in rows.items():
         send = f"{r['send_s']:.2f}" if r["send_s"] is not None else "-"
-        print(f"{mode:20} {r['create_s']:9.2f} {send:>8} {r['complete_s']:11.2f} "
-              f"{r['tasks_per_s']:9.0f} {r['rows_per_s']:9.0f} "
-              f"{r['tasks_per_s'] / base:13.2f}")
+        unit = r.get("unit", "tasks")
+        share = f"{r['tasks_per_s'] / TARGET:.0%}" if unit == "tasks" else "-"
+        print(f"{mode:24} {r['devices']:6d} {send:>7} {r['complete_s']:8.2f} "
+              f"{r['tasks_per_s']:8.0f} {unit:>7} {r['rows_per_s']:7.0f} {share:>9}")
         assert r["ok"] == r["devices"], (mode, r)
     met = rows["celery deploy"]["tasks_per_s"] >= TARGET
     print(f"target >= {TARGET:.0f} device tasks/s dispatched and recorded: "
           f"{'met' if met else 'NOT met'}")
-    out = {"devices": args.devices, "backend": args.backend, "threads_per_worker":
-           args.concurrency, "cpus": os.cpu_count(), "machine": platform.machine(),
-           "python": platform.python_version(), "target_tasks_per_s": TARGET,
-           "target_met": met, "modes": rows}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "dispatch.json").write_text(json.dumps(out, indent=2))
+    out = {"devices": args.devices, "registry_n": args.registry_n, "backend": args.backend,
+           "threads_per_worker": args.concurrency, "cpus": os.cpu_count(),
+           "machine": platform.machine(), "python": platform.python_version(),
+           "target_tasks_per_s": TARGET, "target_met": met, "modes": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
     return 0
 
 

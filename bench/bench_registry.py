@@ -12,14 +12,17 @@ activation report and selector facts per device), then:
 - each command as a fresh ``fleet`` process, as an operator runs it (import time counts;
   output to /dev/null), the median of ``--runs`` and the peak RSS:
   ``device list -g big --ndjson``, ``status``, ``group show big``, the selector
-  ``device list -l hw.arch=arm64 --ndjson`` (30 % of the fleet), and ``status`` on an
-  empty registry: the start-up every command pays, for reference;
+  ``device list -l hw.arch=aarch64 --ndjson`` (30 % of the fleet), and ``status`` on an
+  empty registry: the start-up every command pays, for reference; beside them, once, the
+  obvious alternative to streaming: ``device list -g big --json`` (ORM objects, the whole
+  list in memory, one JSON document);
 - in the process: planning a deploy to ``-g big`` (the targets through the selector code,
   then the dry run's per-device decisions, :func:`fleet.rollout.plan.plan_deploy`, from the
   facts each device last reported: no package, no transfer), creating that deployment
   (one step and one event per device), and recording step events: ``--events`` through
   :func:`fleet.registry.history.record_steps` in batches of 500 (what a farm worker or a
-  dispatcher writes), and a tenth as many through :func:`~fleet.registry.history.set_step`,
+  dispatcher writes), and a fiftieth as many through
+  :func:`~fleet.registry.history.set_step`,
   one transaction each, from 8 threads (the in-process fan-out's way).
 
 Prints a table per backend with the growth from the smallest to the largest size (ratio of
@@ -52,9 +55,13 @@ COMMANDS = {
     "device list -g big --ndjson": ["device", "list", "-g", "big", "--ndjson"],
     "status": ["status"],
     "group show big": ["group", "show", "big"],
-    "device list -l hw.arch=arm64 --ndjson": ["device", "list", "-l", "hw.arch=arm64",
-                                              "--ndjson"],
+    "device list -l hw.arch=aarch64 --ndjson": ["device", "list", "-l", "hw.arch=aarch64",
+                                                "--ndjson"],
 }
+#: the obvious alternative to the streamed listing, timed once: ORM rows, the whole list
+#: built in memory, then written as one JSON document
+ALTERNATIVE = {"device list -g big --json (ORM)":
+               ["device", "list", "-g", "big", "--json"]}
 LISTED_TARGET_S = 2.0
 PLAN_TARGET_S = 5.0
 EVENTS_TARGET = 5000.0
@@ -62,20 +69,28 @@ BATCH = 500
 THREADS = 8
 
 
+#: runs one command and writes "wall_s peak_rss_kib" to argv[1]: a small parent, since a
+#: child forked from this (large) process would report this process's high-water mark as
+#: its own (Linux carries it across fork and exec)
+_LAUNCHER = ("import resource, subprocess, sys, time\n"
+             "t0 = time.perf_counter()\n"
+             "rc = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL).returncode\n"
+             "wall = time.perf_counter() - t0\n"
+             "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+             "open(sys.argv[1], 'w').write(f'{wall} {rss}')\n"
+             "sys.exit(rc)\n")
+
+
 def _fleet(args: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """One fresh ``fleet`` process: (wall seconds, peak RSS in KiB)."""
-    t0 = time.perf_counter()
-    with open(os.devnull, "wb") as null:
-        proc = subprocess.Popen([sys.executable, "-m", "fleet", *args], stdout=null,
-                                stderr=subprocess.PIPE, env=env, cwd=REPO)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fleet {' '.join(args)} failed: {err.decode()[-500:]}")
-    return wall, int(usage.ru_maxrss)
+    """One fresh ``fleet`` process, output to /dev/null: (wall seconds, peak RSS in KiB)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as out:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, out.name, sys.executable,
+                               "-m", "fleet", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env, cwd=REPO, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fleet {' '.join(args)} failed: {proc.stderr.decode()[-500:]}")
+        wall, rss = out.read().split()
+        return float(wall), int(rss)
 
 
 def _time_cli(args: list[str], env: dict[str, str], runs: int) -> dict[str, Any]:
@@ -141,7 +156,7 @@ def _events(reg: Any, n_events: int) -> dict[str, Any]:
         hist.record_steps(reg, changes[start:start + BATCH])
     batched = time.perf_counter() - t0
 
-    single = max(n_events // 10, THREADS)
+    single = max(n_events // 50, THREADS)
     per_thread = single // THREADS
     errors: list[BaseException] = []
 
@@ -184,6 +199,12 @@ def _one(backend: str, url: str, home: Path, n: int, args: argparse.Namespace
             continue
         print(f"[{backend} {n}] fleet {' '.join(argv)}", file=sys.stderr, flush=True)
         out["commands"][label] = _time_cli(argv, env, args.runs)
+    out["alternatives"] = {}
+    for label, argv in ALTERNATIVE.items():
+        print(f"[{backend} {n}] fleet {' '.join(argv)} (alternative)", file=sys.stderr,
+              flush=True)
+        wall, rss = _fleet(argv, env)
+        out["alternatives"][label] = {"seconds": wall, "peak_rss_mib": rss / 1024}
     reg = Registry.open(FleetHome(home, db_override=url))
     try:
         print(f"[{backend} {n}] planning, events ...", file=sys.stderr, flush=True)
@@ -245,13 +266,17 @@ def _print(results: list[dict[str, Any]], startup: dict[str, Any],
            growth: list[dict[str, Any]], targets: list[dict[str, Any]]) -> None:
     for r in results:
         print(f"\n{r['backend']}, {r['devices']:,} devices (filled in {r['fill_s']:.0f} s)")
-        print(f"  {'command':<42} {'median s':>9} {'min s':>7} {'peak RSS MiB':>13}")
+        s = startup[r["backend"]]
+        print(f"  {'command':<42} {'median s':>9} {'min s':>7} {'- start-up':>10} "
+              f"{'peak RSS MiB':>13}")
         for label, c in r["commands"].items():
             print(f"  {label:<42} {c['median_s']:>9.2f} {c['min_s']:>7.2f} "
-                  f"{c['peak_rss_mib']:>13.0f}")
-        s = startup[r["backend"]]
+                  f"{c['median_s'] - s['median_s']:>10.2f} {c['peak_rss_mib']:>13.0f}")
+        for label, a in r.get("alternatives", {}).items():
+            print(f"  {'vs ' + label:<42} {a['seconds']:>9.2f} {'':>7} "
+                  f"{a['seconds'] - s['median_s']:>10.2f} {a['peak_rss_mib']:>13.0f}")
         print(f"  {'(start-up: status, empty registry)':<42} {s['median_s']:>9.2f} "
-              f"{s['min_s']:>7.2f} {s['peak_rss_mib']:>13.0f}")
+              f"{s['min_s']:>7.2f} {'':>10} {s['peak_rss_mib']:>13.0f}")
         p, e = r["plan"], r["events"]
         print(f"  plan a deploy -g big: {p['seconds']:.2f} s (targets {p['targets_s']:.2f} s, "
               f"decisions {p['decide_s']:.2f} s; {p['send']:,} of {p['devices']:,} to send)")

@@ -7,7 +7,11 @@
    ``phones``; ``fleet deploy ... --group phones`` and the audit;
 4. an MNN-LLM base deployed to a lab board and served there; a LoRA adapter hot-swapped in,
    and the reference prompts show the outputs changed to the adapter's;
-5. the lab is taken down again, whatever happened.
+5. pull mode: ``fleet server`` (TLS, its own CA) on the lab's root-namespace address; one
+   lab board's agent, run inside the board's network namespace, enrolls with a one-time
+   token, checks in, downloads the model the deployment put in its desired state and
+   activates it (:func:`pull_part`);
+6. the lab is taken down again, whatever happened.
 
 Every step is the real CLI in a subprocess; its output is what an operator sees.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +71,7 @@ def lab_part() -> None:
     fleet("audit", "--group", "phones")
     lora_part("iot0")
     fleet("status")
+    pull_part("iot1")
 
 
 def lora_part(board: str) -> None:
@@ -84,6 +90,68 @@ def lora_part(board: str) -> None:
     fleet("audit", "--device", board)
 
 
+def fleet_json(*args: str) -> object:
+    print(f"\n$ fleet {' '.join(args)} --json", flush=True)
+    out = subprocess.run([sys.executable, "-m", "fleet", *args, "--json"],
+                         env=dict(os.environ, FLEET_HOME=str(HOME)), capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out)
+
+
+def pull_part(board: str) -> None:
+    """A lab board in pull mode: the server on the root-namespace side of the board's
+    veth, the board's agent (in its network namespace) enrolls, checks in, downloads the
+    deployed model (HTTP Range, verified as it arrives) and activates it."""
+    from fleet.home import FleetHome
+    from fleet.lab import pull
+
+    home = FleetHome(HOME)
+    addr = pull.server_address(home, board)
+    port = pull.free_port(addr)
+    url, ca = f"https://{addr}:{port}", HOME / "tls" / "ca.pem"
+    fleet("server", "init-tls", "--san", addr)
+    print(f"\n$ fleet server --listen {addr}:{port} &", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "fleet", "server", "--listen",
+                               f"{addr}:{port}"], env=dict(os.environ, FLEET_HOME=str(HOME)),
+                              start_new_session=True)
+    try:
+        pull.wait_ready(url, ca, proc=server)
+        fleet("group", "create", "field")
+        dev = fleet_json("device", "add", f"pull://field-{board}", "--group", "field")
+        token = str(dev["token"]) if isinstance(dev, dict) else ""
+        print(f"(enrollment token for field-{board}: {token[:12]}…)")
+
+        def agent(*extra: str) -> dict[str, object]:
+            argv = pull.agent_argv(home, board, url, ca, "--once", *extra)
+            shown = [a if a != token else token[:12] + "…" for a in argv]
+            print(f"\n[{board}]$ {' '.join(shown)}", flush=True)
+            rc, doc = pull.run_agent(home, board, url, ca, "--once", *extra)
+            print(json.dumps(doc, indent=1, default=str)[:1500])
+            if rc != 0:
+                raise SystemExit(f"demo step failed: the pull agent on {board} (exit {rc})")
+            return doc
+
+        agent("--token", token)  # enroll and a first, empty check-in
+        fleet("deploy", str(TINY), "--group", "field", "--name", "tiny-field")
+        doc = agent()
+        if doc.get("models") != ["tiny-field"]:
+            raise SystemExit(f"demo step failed: {board} was not given tiny-field")
+        deps = fleet_json("deployment", "list", "--limit", "5")
+        dep = next((d for d in deps if isinstance(d, dict) and d.get("name") == "tiny-field"),
+                   None) if isinstance(deps, list) else None
+        if dep is None or dep.get("status") != "completed":
+            raise SystemExit(f"demo step failed: the pull deployment did not complete: {dep}")
+        fleet("deployment", "show", str(dep["id"]))  # field-iot1: active
+        fleet("device", "show", f"field-{board}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(15)
+
+
 def main() -> int:
     if HOME.exists():
         fleet("lab", "down", check=False)
@@ -96,7 +164,8 @@ def main() -> int:
         lab_part()
     finally:
         fleet("lab", "down", check=False)
-    print("\ndemo finished: models deployed, reports stored, audit shown.")
+    print("\ndemo finished: models deployed (pushed and pulled), reports stored, audit "
+          "shown.")
     return 0
 
 

@@ -304,6 +304,7 @@ class FakeBroker:
         self.revoked: list[str] = []
         self.cancelled: set[str] = set()
         self.held: set[str] = set()
+        self.hashes: dict[str, dict[str, str]] = {}
         self._state = TaskState
 
     def _finish(self, payload: dict[str, Any]) -> Any:
@@ -330,6 +331,15 @@ class FakeBroker:
 
     def states(self, task_ids: Sequence[str]) -> dict[str, Any]:
         return {t: self.results[t] for t in task_ids if t in self.results}
+
+    def hset(self, key: str, device: str, value: str, keep_s: int) -> None:
+        """The workers' push-progress writes (``fleet.worker.progress.Write``)."""
+        self.hashes.setdefault(key, {})[device] = value
+
+    def pushed(self, token: str) -> dict[str, tuple[int, int]]:
+        from fleet.worker.broker import bytes_key, decode_bytes
+
+        return decode_bytes(self.hashes.get(bytes_key(token), {}))
 
     def revoke(self, task_ids: Sequence[str]) -> None:
         self.revoked.extend(task_ids)

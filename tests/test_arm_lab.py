@@ -78,15 +78,16 @@ def _fleet(home: FleetHome, *args: str, timeout: float = 900) -> dict[str, Any] 
     return doc
 
 
-def _agent(home: FleetHome, device: str, verb: str, **kw: Any) -> dict[str, Any]:
-    """One agent call through the registered transport (``AgentClient.<verb>(**kw)``)."""
+def _agent(home: FleetHome, device: str, method: str, /, **kw: Any) -> dict[str, Any]:
+    """One agent call through the registered transport (``AgentClient.<method>(**kw)``;
+    ``kw`` may hold ``verb`` itself, for ``call``)."""
     reg = Registry.open(home)
     try:
         transport, agent = open_device(home, reg.get_device(device))
     finally:
         reg.close()
     with transport:
-        result: dict[str, Any] = getattr(agent, verb)(**kw)
+        result: dict[str, Any] = getattr(agent, method)(**kw)
         return result
 
 
@@ -158,12 +159,64 @@ def arm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmLab]:
             lab.timed("reports_and_probes_s", t0)
             yield lab
         finally:
-            OUT.mkdir(parents=True, exist_ok=True)
-            (OUT / "results.json").write_text(json.dumps(
-                {"times": lab.times, "boards": lab.boards, **lab.results}, indent=2,
-                default=str))
-            print("arm lab phase times:", lab.times)
+            _write_results(lab)
             iot.down(home)
+
+
+def _table(reports: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per model, one row per candidate: what the closing note shows."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for model, rep in sorted(reports.items()):
+        rows = []
+        for c in rep.get("candidates", []):
+            cmp = c.get("comparison") or {}
+            parts = dict(p.split("-", 1) for p in str(c.get("label")).split("/") if "-" in p)
+            rows.append({"label": c.get("label"), "precision": parts.get("p"),
+                         "memory": parts.get("m"), "status": c.get("status"),
+                         "golden_passed": cmp.get("passed"),
+                         "worst_cosine": cmp.get("worst_cosine"),
+                         "worst_max_abs": max((o.get("max_abs") or 0.0 for o in
+                                               cmp.get("outputs") or []), default=None),
+                         "median_ms_emulated": (c.get("timing") or {}).get("median_ms"),
+                         "picked": c["label"] == (rep.get("pick") or {}).get("label")})
+        out[model] = rows
+    return out
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _write_results(lab: ArmLab) -> None:
+    """``build/arm-lab/``: ``results.json`` (everything), ``candidates.md`` (the tables)
+    and one probe document per board (``probe-arm64-qemu-<cpu>.json``); the copies under
+    ``docs/`` were taken from these."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    reports = lab.results.get("reports", {})
+    tables = {key: _table(reports[key]) for key in reports}  # label: backend/p-P/m-M/tN
+    (OUT / "results.json").write_text(json.dumps(
+        {"times": lab.times, "tables": tables, "boards": lab.boards, **lab.results},
+        indent=2, default=str))
+    lines = ["# Arm lab: candidate tables", "",
+             "Made by `tests/test_arm_lab.py` (QEMU user-mode CPUs: the timings are "
+             "emulated and say nothing about hardware; the golden verdicts are real).", ""]
+    for key, per_model in tables.items():
+        lines += [f"## `{CPUS[key]}` board", ""]
+        for model, rows in per_model.items():
+            ref = (reports[key][model].get("reference") or {}).get("kind")
+            lines += [f"### {model} (reference: {ref})", "", "| candidate | precision | "
+                      "memory | status | check passed | worst cosine | worst max abs diff | "
+                      "picked |", "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| `{r['label']}` | {r['precision']} | {r['memory']} | {r['status']} "
+                      f"| {r['golden_passed']} | {_num(r['worst_cosine'], '.9f')} | "
+                      f"{_num(r['worst_max_abs'], '.2e')} | {'yes' if r['picked'] else ''} |"
+                      for r in rows]
+            lines.append("")
+    (OUT / "candidates.md").write_text("\n".join(lines))
+    for key, doc in lab.results.get("probe", {}).items():
+        name = "max" if key == "max" else "cortex-a53"
+        (OUT / f"probe-arm64-qemu-{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print("arm lab phase times:", lab.times)
 
 
 def _cands(arm: ArmLab, key: str, model: str) -> dict[str, dict[str, Any]]:
@@ -171,8 +224,9 @@ def _cands(arm: ArmLab, key: str, model: str) -> dict[str, dict[str, Any]]:
 
 
 def test_lab_status_shows_arch_and_cpu_model(arm: ArmLab) -> None:
-    rows = {r["name"]: r for r in _fleet(arm.home, "lab", "status", "--json")  # type: ignore[union-attr]
-            if r["kind"] == "iot"}
+    listed = _fleet(arm.home, "lab", "status", "--json")
+    assert isinstance(listed, list)
+    rows = {r["name"]: r for r in listed if r["kind"] == "iot"}
     for key, cpu in CPUS.items():
         row = rows[arm.name(key)]
         assert (row["arch"], row["cpu_model"], row["sshd"]) == ("arm64", cpu, "running")

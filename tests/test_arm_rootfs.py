@@ -90,3 +90,27 @@ def test_board_specs_are_checked_before_anything_is_made() -> None:
                              ("arm64", "max;reboot", "not a qemu CPU model")):
         with pytest.raises(errors.UsageError, match=words):
             normalize_arch(arch, cpu)
+
+
+def test_second_stage_sees_only_the_stanzas_of_what_it_installs(tmp_path: Path) -> None:
+    """The emulated second stage reads the index with perl several times: it gets the
+    stanzas of the packages in ``debpaths`` only, and Debian's file comes back after,
+    also when the stage fails."""
+    (tmp_path / "debootstrap").mkdir()
+    (tmp_path / "debootstrap" / "debpaths").write_text(
+        "libc6 /var/cache/apt/archives/libc6_2.36_arm64.deb\n"
+        "python3 /var/cache/apt/archives/python3_3.11.2_arm64.deb\n")
+    lists = tmp_path / "var" / "lib" / "apt" / "lists"
+    lists.mkdir(parents=True)
+    index = lists / "deb.debian.org_debian_dists_bookworm_main_binary-arm64_Packages"
+    full = b"".join(f"Package: {p}\nVersion: 1\nDepends: libc6\n\n".encode()
+                    for p in ("emacs", "libc6", "python3", "python3-foo", "zsh"))
+    index.write_bytes(full)
+    seen: list[str] = []
+    with pytest.raises(RuntimeError), arm_rootfs._small_package_index(tmp_path, seen.append):
+        small = index.read_text()
+        assert [s.split()[1] for s in small.split("\n\n") if s] == ["libc6", "python3"]
+        raise RuntimeError("second stage failed")
+    assert index.read_bytes() == full and sorted(p.name for p in lists.iterdir()) == [
+        index.name]
+    assert "2 of the index's stanzas kept" in seen[0]

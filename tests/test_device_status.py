@@ -70,6 +70,7 @@ def test_only_contacts_that_heard_the_device_move_last_seen() -> None:
 
 
 # -- the registry writes it -------------------------------------------------------------
+@pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
 def test_record_contact_sets_status_error_and_last_seen(registry: Registry,
                                                         tmp_path: Path) -> None:
     registry.add_device("b", f"local://b?root={tmp_path / 'b'}", public_key="pem",
@@ -94,6 +95,7 @@ def test_record_contact_sets_status_error_and_last_seen(registry: Registry,
                                                                                       None)
 
 
+@pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
 def test_device_list_and_status_show_it(run_fleet, registry: Registry,  # type: ignore[no-untyped-def]
                                         home: FleetHome, tmp_path: Path) -> None:
     for n in ("a", "b", "c"):
@@ -122,6 +124,7 @@ def test_device_list_and_status_show_it(run_fleet, registry: Registry,  # type: 
     assert "needs attention" in r.stdout and "device_offline" in r.stdout
 
 
+@pytest.mark.backends  # SQLite and PostgreSQL (tests/pgfixture.py)
 def test_device_list_takes_a_fixed_number_of_queries(registry: Registry,
                                                      tmp_path: Path) -> None:
     """`device list` and `status` read the fleet in a fixed number of statements,

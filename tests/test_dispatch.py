@@ -23,6 +23,7 @@ from fleet.rollout.fanout import DeviceOutcome, DeviceStatus
 from fleet.worker import roster
 from fleet.worker.app import celery_conf
 from fleet.worker.dispatch import CeleryDispatcher
+from fleet.worker.progress import BytesReporter
 from fleet.worker.settings import FarmSettings, settings_for
 from fleet.worker.tasks import WorkerContext, run_payload
 from fleet.worker.watch import CancelWatch
@@ -48,7 +49,8 @@ class Farm:
                                      artifacts=home.artifacts_dir, deadline_s=60.0)
         self.broker = FakeBroker()
         self.worker = WorkerContext(home, reg, self.settings, "fake@test",
-                                    CancelWatch(self.broker.mget), opener=self.fleet.opener)
+                                    CancelWatch(self.broker.mget), opener=self.fleet.opener,
+                                    progress=BytesReporter(self.broker.hset))
         self.broker.run = lambda payload: run_payload(self.worker, payload)
         self.on_sleep: list[Any] = []
         self.dispatcher = CeleryDispatcher(self.settings, reg, self.broker, clock=self.clock,
@@ -108,6 +110,21 @@ def test_farm_devices_run_on_their_hosts_queue_and_the_others_here(
     assert isinstance(report, DeployResult) and report.bytes_sent > 0
     assert (report.report or {}).get("version") == 1
     assert hist.get_deployment(farm.reg, dep_id).status is DeploymentState.COMPLETED
+
+
+def test_a_farm_push_reports_its_bytes_to_the_controllers_progress(
+        farm: Farm, tmp_path: Path) -> None:
+    farm.worker_up("a")
+    farm.worker_up("b")
+    seen: dict[str, list[tuple[int, int]]] = {}
+    dep_id, res = farm.deploy(tmp_path, on_bytes=lambda name, done, total: seen.setdefault(
+        name, []).append((done, total)))
+    assert [o.status for o in res] == [DeviceStatus.OK] * 4
+    for name in VIA:  # farm devices through the broker's hash, h1 from this process
+        sent = farm.step(dep_id, name).bytes_sent
+        assert sent and seen[name][-1] == (sent, sent), (name, seen.get(name))
+    reported = {d for h in farm.broker.hashes.values() for d in h}
+    assert reported == {"a1", "a2", "b1"}  # the workers wrote them, the controller read them
 
 
 def test_a_host_without_a_live_worker_fails_its_devices_unreachable_sending_nothing(
@@ -351,7 +368,7 @@ def test_liveness_counts_only_fresh_heartbeats_of_running_workers(farm: Farm) ->
 
 
 def test_cli_refuses_a_bad_farm_host_name_and_a_worker_without_broker(
-        run_fleet, registry: Registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        run_fleet: Any, registry: Registry, tmp_path: Path) -> None:
     res = run_fleet("device", "add", f"local://x?root={tmp_path}", "--name", "x",
                     "--via", "no spaces")
     assert res.exit_code == 2 and "invalid farm host name" in res.output

@@ -86,6 +86,15 @@ def test_package_push_swap_rollback_and_registry(served, home: FleetHome,  # typ
         assert out["base"]["name"] == "llm" and out["base"]["quant_bits"] == 8
         assert out["recipients"] == ["p1"]
         packs[name] = out
+    # the dry run of a real pack: a plan, and nothing written or sent
+    db = home.path / "registry.db"
+    before = db.read_bytes()
+    plan = _ok(run_fleet("lora", "push", packs["adapter_a"]["path"], "--group", "llm",
+                         "--dry-run", "--json"))
+    assert [(d["device"], d["action"]) for d in plan["devices"]] == [("p1", "send")]
+    assert plan["package"]["base"]["name"] == "llm"
+    assert db.read_bytes() == before
+    assert call(sock, "status")["adapter"] == "base"  # the daemon got nothing
     rows = _ok(run_fleet("lora", "push", packs["adapter_a"]["path"], "--group", "llm",
                          "--swap", "--json"))
     assert rows[0]["status"] == "ok" and rows[0]["adapter"] == "adapter_a@1"

@@ -151,12 +151,34 @@ def test_a_registry_locked_past_the_wait_is_busy_and_reads_go_on(tmp_path: Path)
     assert fleet(home, "group", "create", "g").returncode == 0
 
 
+# -- not a database ----------------------------------------------------------------------
+def test_a_registry_file_that_is_not_a_database_is_exit_21_and_kept(tmp_path: Path) -> None:
+    """Garbage (random bytes, or a text file) where registry.db should be: every command,
+    `fleet init` included, refuses in one line (exit 21) and leaves the file as it was."""
+    home = tmp_path / "home"
+    assert fleet(home, "init").returncode == 0
+    db = home / "registry.db"
+    for junk, commands in ((os.urandom(8192), [("group", "create", "g"), ("init",)]),
+                           (b"not a database\n", [("status", "--json")])):
+        for side in ("-wal", "-shm"):
+            db.with_name(db.name + side).unlink(missing_ok=True)
+        db.write_bytes(junk)
+        for args in commands:
+            r = fleet(home, *args)
+            line = one_clear_line(r)
+            assert r.returncode == 21 and "not a readable database" in line, (args, line)
+            if "--json" in args:
+                assert json.loads(r.stdout)["error"]["exit"] == 21
+        assert db.read_bytes() == junk  # nothing overwritten
+
+
 # -- the mapping table -------------------------------------------------------------------
 @pytest.mark.parametrize(("message", "cls"), [
     ("attempt to write a readonly database", errors.RegistryReadOnlyError),
     ("database or disk is full", errors.RegistryFullError),
     ("database is locked", errors.RegistryBusyError),
     ("no such column: deployments.lease_host", errors.RegistryError),
+    ("database disk image is malformed", errors.RegistryError),
 ])
 def test_sqlite_errors_map_to_registry_errors(tmp_path: Path, message: str,
                                               cls: type[errors.RegistryError]) -> None:

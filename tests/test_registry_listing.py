@@ -112,3 +112,56 @@ def test_the_facts_code_writes_no_private_key_the_listing_would_show(fleet: Regi
     assert written and written <= set(PRIVATE_FACTS), written - set(PRIVATE_FACTS)
     stored = fleet.get_device("p1").facts
     assert {k for k in stored if k.startswith("_")} <= set(PRIVATE_FACTS)
+
+
+# -- a fixed number of queries whatever the fleet size -----------------------------------
+COUNTED = [("device", "list", "--ndjson"), ("device", "list", "-g", "g", "--ndjson"),
+           ("device", "list", "-l", "hw.arch=arm64", "--ndjson"), ("device", "list"),
+           ("device", "list", "-g", "g", "--json"), ("status",), ("status", "--json"),
+           ("group", "show", "g"), ("group", "show", "g", "--json")]
+
+
+def _grow(reg: Registry, tmp_path: Path, start: int, stop: int) -> None:
+    """Devices ``start..stop-1`` in group g, tagged, probed, half of them contacted."""
+    uri = f"local://x?root={tmp_path}"
+    for i in range(start, stop):
+        reg.add_device(f"d{i:03d}", uri, groups=["g"], tags={"site": f"s{i % 3}"})
+        if i % 2:
+            reg.record_contact(f"d{i:03d}", None, seen=datetime(2026, 1, 2, tzinfo=UTC))
+    with reg.session() as s:
+        for i in range(start, stop):
+            facts_mod.note_probe(s, reg._device(s, f"d{i:03d}").id, PROBE)
+
+
+def _statements(run_fleet, args: tuple[str, ...]) -> int:  # type: ignore[no-untyped-def]
+    """SQL statements one in-process CLI command sends (SQLAlchemy's cursor hook)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    sent: list[str] = []
+
+    def hook(_conn, _cursor, statement, *_rest) -> None:  # type: ignore[no-untyped-def]
+        sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", hook)
+    try:
+        r = run_fleet(*args)
+    finally:
+        event.remove(Engine, "before_cursor_execute", hook)
+    assert r.exit_code == 0, r.output
+    return len(sent)
+
+
+def test_listings_send_as_many_statements_for_10x_the_devices(
+        registry: Registry, run_fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """No per-device query in a loop: listing, status and group show send the same
+    statements for 3 devices as for 30 (ten times as many rows)."""
+    registry.create_group("g")
+    _grow(registry, tmp_path, 0, 3)
+    small = {args: _statements(run_fleet, args) for args in COUNTED}
+    _grow(registry, tmp_path, 3, 30)
+    large = {args: _statements(run_fleet, args) for args in COUNTED}
+    assert large == small
+    assert all(0 < n < 20 for n in small.values()), small
+    lines = run_fleet("device", "list", "-g", "g", "--ndjson").output.splitlines()
+    assert len(lines) == 30  # the larger fleet was listed whole

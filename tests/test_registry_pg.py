@@ -190,6 +190,8 @@ def test_a_full_disk_refuses_in_one_line_and_loses_nothing(
     (psycopg.errors.AdminShutdown("terminating connection"), errors.RegistryIOError),
     (psycopg.errors.UndefinedTable('relation "workers" does not exist'),
      errors.RegistryError),
+    (psycopg.errors.DataCorrupted("invalid page in block 0 of relation"),
+     errors.RegistryError),
 ])
 def test_postgresql_errors_map_to_registry_errors(exc: psycopg.Error,
                                                   cls: type[errors.RegistryError]) -> None:

@@ -97,11 +97,11 @@ class Lab:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
 
-    def agent(self, name: str, *extra: str, server: str | None = None
-              ) -> tuple[int, dict[str, Any]]:
+    def agent(self, name: str, *extra: str, server: str | None = None,
+              env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         res = subprocess.run([str(BIN / "fleet-agent"), "--root", str(self.root / name),
                               "pull", "--server", server or self.url, "--ca", str(self.ca),
-                              "--once", *extra], env=self.env, text=True,
+                              "--once", *extra], env={**self.env, **(env or {})}, text=True,
                              capture_output=True, timeout=300, check=False)
         return res.returncode, json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -215,6 +215,80 @@ def test_tampered_package_is_refused_and_the_gate_halts(lab: Lab) -> None:
     assert lab.status(dep) == "halted"
     rc, d2 = lab.agent("g2")
     assert rc == 0 and d2["models"] == []
+
+
+def _slot(lab: Lab, device: str, name: str) -> Any:
+    st = json.loads((lab.root / device / "state.json").read_text())
+    return (st.get("slots", {}).get(name) or {}).get("current")
+
+
+def test_cancel_keeps_devices_not_yet_updated_and_rollback_takes_one_back(lab: Lab) -> None:
+    lab.fleet("group", "create", "cancel")
+    lab.enrolled("c1", "cancel")
+    lab.enrolled("c2", "cancel")
+    lab.fleet_json("deploy", str(TINY), "-g", "cancel", "--name", "cx")
+    for dev in ("c1", "c2"):
+        assert lab.agent(dev)[0] == 0
+        assert _slot(lab, dev, "cx") == 1
+    folder = lab.root / "cx2"  # version 2: another payload
+    folder.mkdir()
+    (folder / "tiny.mnn").write_bytes(TINY.read_bytes())
+    (folder / "extra.bin").write_bytes(os.urandom(4096))
+    doc = lab.fleet_json("deploy", str(folder), "--entry", "tiny.mnn", "--golden",
+                         str(TINY.with_suffix(".golden.npz")), "-g", "cancel",
+                         "--name", "cx")
+    dep = str(doc["deployment"])
+    assert doc["version"] == 2
+    rc, d1 = lab.agent("c1")  # c1 takes version 2 before the cancel
+    assert rc == 0 and _slot(lab, "c1", "cx") == 2, d1
+    before = json.loads((lab.root / "c2" / "pull.json").read_text())["last_counter"]
+    out = lab.fleet_json("deployment", "cancel", dep)
+    assert "reverted on 1 pull device" in out["controller"]
+    assert lab.steps(dep) == {"c1": "ok", "c2": "cancelled"}
+    assert lab.status(dep) == "cancelled"
+    rc, d2 = lab.agent("c2")  # its desired state is version 1 again, under a new counter
+    assert rc == 0 and d2["counter"] > before, d2
+    assert not any(s.get("state") == "downloading" for s in d2["steps"]), d2
+    assert _slot(lab, "c2", "cx") == 1
+    # rollback through the desired state: c1 goes back to the version it reported as
+    # previous, with a signed rollback order
+    back = lab.fleet_json("rollback", "cx", "-d", "c1")
+    rb = str(back["deployment"])
+    assert back["kind"] == "rollback" and back["left_out"] == {}
+    assert lab.steps(rb) == {"c1": "pending"}
+    rc, d1 = lab.agent("c1")
+    assert rc == 0 and any(s.get("state") == "rolled_back" for s in d1["steps"]), d1
+    assert _slot(lab, "c1", "cx") == 1
+    assert lab.steps(rb) == {"c1": "ok"} and lab.status(rb) == "completed"
+    rc, d1 = lab.agent("c1")  # the next check-in changes nothing
+    assert rc == 0 and _slot(lab, "c1", "cx") == 1 and d1["steps"] == [], d1
+
+
+def test_install_window_stages_outside_it_and_activates_inside(lab: Lab) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    lab.fleet("group", "create", "win")
+    lab.enrolled("n1", "win")
+    bad = lab.fleet("deploy", str(TINY), "-g", "win", "--window", "25:00-01:00",
+                    "--json", check=False)
+    assert bad.returncode == 2 and "HH:MM-HH:MM" in bad.stderr + bad.stdout
+    now = datetime.now(UTC)
+    window = f"{now + timedelta(hours=4):%H:%M}-{now + timedelta(hours=6):%H:%M}"
+    doc = lab.fleet_json("deploy", str(TINY), "-g", "win", "--name", "win",
+                         "--window", window)
+    dep = str(doc["deployment"])
+    assert doc["window"] == window
+    rc, out = lab.agent("n1", env={"TZ": "UTC"})  # device-local time: outside the window
+    assert rc == 0 and any(s.get("waiting_for_window") == window for s in out["steps"]), out
+    assert any("downloaded" in s for s in out["steps"])  # the download did not wait
+    assert _slot(lab, "n1", "win") is None
+    assert lab.steps(dep) == {"n1": "staged"}
+    rc, out = lab.agent("n1", env={"TZ": "UTC"})  # still outside: still waiting
+    assert rc == 0 and _slot(lab, "n1", "win") is None
+    rc, out = lab.agent("n1", env={"TZ": "XXX-5"})  # UTC+5: inside the window
+    assert rc == 0 and not any("downloaded" in s for s in out["steps"]), out
+    assert _slot(lab, "n1", "win") == 1
+    assert lab.steps(dep) == {"n1": "ok"} and lab.status(dep) == "completed"
 
 
 def test_revoked_device_is_refused(lab: Lab) -> None:

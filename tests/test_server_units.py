@@ -153,3 +153,41 @@ def test_init_tls_makes_a_ca_and_a_certificate_it_signed(tmp_path: Path) -> None
     assert again.ca_cert.read_bytes() == p.ca_cert.read_bytes()
     with pytest.raises(errors.UsageError):
         init_tls(home, san=["not a name"])
+
+
+def test_install_window_parsing_and_wrapping_past_midnight() -> None:
+    from fleet.core.pull import in_window, parse_window
+
+    assert parse_window("02:00-04:00") == (120, 240)
+    for bad in ("2-4", "24:00-01:00", "02:00-02:00", "02:60-03:00", "02:00", ""):
+        with pytest.raises(errors.UsageError):
+            parse_window(bad)
+    at = lambda h, m=0: datetime(2026, 6, 1, h, m)  # noqa: E731
+    assert in_window("02:00-04:00", at(2)) and in_window("02:00-04:00", at(3, 59))
+    assert not in_window("02:00-04:00", at(4)) and not in_window("02:00-04:00", at(1, 59))
+    assert in_window("22:00-02:00", at(23)) and in_window("22:00-02:00", at(1))
+    assert not in_window("22:00-02:00", at(12)) and in_window(None, at(12))
+    with pytest.raises(errors.FormatError):  # a signed entry with a bad window is refused
+        DesiredModel.from_dict({**MODEL.to_dict(), "window": "nope"})
+
+
+def test_seen_batches_last_seen_in_one_write_and_spares_revoked_devices(
+        tmp_path: Path) -> None:
+    from fleet.registry import Registry
+    from fleet.server.seen import SeenWriter
+
+    reg = Registry.init(FleetHome.from_env(tmp_path / "home"))
+    a = reg.add_device("a", "pull://a")
+    b = reg.add_device("b", "pull://b")
+    reg.update_device("b", revoked_at=NOW)
+    writer = SeenWriter(lambda: reg, every_s=3600)  # no timer: flush by hand
+    writer.note(a.id, NOW, agent_version="9.9", root_version=3)
+    writer.note(b.id, NOW)
+    assert reg.get_device("a").last_seen is None  # noted, not written yet
+    assert writer.flush() == 2 and writer.flush() == 0
+    got = reg.get_device("a")
+    assert got.last_seen == NOW and got.status == "ok" and got.agent_version == "9.9"
+    assert got.root_version == 3
+    assert reg.get_device("b").last_seen is None  # revoked meanwhile: left alone
+    writer.close()
+    reg.close()

@@ -42,6 +42,7 @@ from fleet.core.pull import (
     AUTH_TAG,
     DesiredModel,
     DesiredState,
+    in_window,
     sign_device,
     sign_report,
     verify_desired_state,
@@ -230,7 +231,8 @@ class PullAgent:
             if self._key(m) in st.get("done", []):
                 continue
             try:
-                self._apply_one(m)
+                if self._apply_one(m):
+                    continue  # staged, waiting for its install window: not done yet
             except (errors.TransportError, errors.BusyError):
                 raise
             except errors.FleetError as exc:
@@ -239,27 +241,34 @@ class PullAgent:
             st["done"] = [*st.get("done", [])[-200:], self._key(m)]
             self._save(st)
 
-    def _apply_one(self, m: DesiredModel) -> None:
+    def _apply_one(self, m: DesiredModel) -> bool:
+        """Make ``m`` so; True when it is staged and waits for its install window
+        (``m.window``, device-local time: downloading and staging happen before)."""
         row = self._store().installed().get(m.name) or {}
         active = row.get("active")
         if active == m.version:
             self._say(m, "skipped")
-            return
+            return False
         if m.order is not None and isinstance(active, int) and m.version < active:
             self._verb("rollback", {"name": m.name, "order": m.order})
             self._say(m, "rolled_back")
-            return
+            return False
         if m.version not in (row.get("versions") or []):
             self._say(m, "downloading")
             self._flush()
             self._download_and_stage(m)
         self._say(m, "staged")
         if not m.activate:
-            return
+            return False
+        if not in_window(m.window, datetime.now().astimezone()):
+            self.log.append({"name": m.name, "version": m.version,
+                             "waiting_for_window": m.window})
+            return True
         self._say(m, "activating")
         self._flush()
         act = self._verb("activate", {"name": m.name, "version": m.version})
         self._report(m, act["report"])
+        return False
 
     def _download_and_stage(self, m: DesiredModel) -> None:
         from fleet_agent.pull_download import download_verified

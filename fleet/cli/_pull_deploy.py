@@ -19,7 +19,7 @@ from fleet.registry import history as hist
 from fleet.rollout import pull
 from fleet.rollout.deploy import DeployJob
 
-__all__ = ["deploy_pull", "pull_rows"]
+__all__ = ["deploy_pull", "pull_rows", "rollback_pull"]
 
 POLL_S = 1.0
 
@@ -34,7 +34,7 @@ def pull_rows(reg: Registry, dep_id: uuid.UUID) -> list[dict[str, Any]]:
 def deploy_pull(home: FleetHome, reg: Registry, model: Path, devs: list[Device],
                 tg: Targets, package: Callable[[list[Device]], DeployJob], *,
                 waves: str | None, max_failed: int, wait: bool, deadline: float,
-                as_json: bool) -> None:
+                as_json: bool, window: str | None = None) -> None:
     """Write the desired state of a pull deployment (see the module docstring)."""
     from fleet.server.escrow import escrow_device
 
@@ -50,7 +50,7 @@ def deploy_pull(home: FleetHome, reg: Registry, model: Path, devs: list[Device],
     job = package([*ready, escrow_device(home)])
     groups = list(tg.groups) if not tg.selectors and not tg.devices else []
     dep_id = pull.start(reg, job, targets, target=tg.describe(), groups=groups, waves=waves,
-                        max_failed=max_failed)
+                        max_failed=max_failed, window=window)
     err.print(f"{job.name}@{job.version}: desired state written for "
               f"{len(targets)} pull device(s) (deployment {dep_id}); they take it at "
               "their next check-in", highlight=False)
@@ -70,6 +70,7 @@ def deploy_pull(home: FleetHome, reg: Registry, model: Path, devs: list[Device],
     failed = [r for r in rows if r["state"] in ("failed", "rollback_failed")]
     doc = {"deployment": dep_id, "mode": pull.MODE, "state": dep.status.value,
            "model": f"{job.name}@{job.version}", "name": job.name, "version": job.version,
+           "window": window,
            "results": rows, "failed": len(failed), "revoked": revoked,
            "halted_at_wave": dep.halted_at_wave, "targets": tg.to_dict()}
     emit(doc, as_json=as_json, render=lambda c: c.print(table(
@@ -81,3 +82,28 @@ def deploy_pull(home: FleetHome, reg: Registry, model: Path, devs: list[Device],
         raise errors.PartialFailureError(
             f"deploy: {len(failed)} pull device(s) failed", failed={
                 r["device"]: r["error_code"] for r in failed})
+
+
+def rollback_pull(home: FleetHome, reg: Registry, name: str, devs: list[Device],
+                  tg: Targets, *, to: int | None, as_json: bool) -> None:
+    """``fleet rollback NAME`` to pull devices: the rollback's desired state is written
+    (:func:`fleet.rollout.pull_revert.rollback_pull`) and the command returns; devices
+    switch at their next check-in (``fleet deployment show ID``)."""
+    from fleet.rollout.pull_revert import rollback_pull as write
+
+    dep_id, left_out = write(home, reg, name, devs, to=to, target=tg.describe())
+    dep = hist.get_deployment(reg, dep_id)
+    rows = pull_rows(reg, dep_id)
+    err.print(f"rollback {name}: desired state written for {len(devs) - len(left_out)} "
+              f"pull device(s) (deployment {dep_id}); they switch at their next check-in",
+              highlight=False)
+    doc = {"deployment": dep_id, "mode": pull.MODE, "kind": "rollback", "name": name,
+           "to": to, "state": dep.status.value, "results": rows, "left_out": left_out,
+           "targets": tg.to_dict()}
+    emit(doc, as_json=as_json, render=lambda c: c.print(table(
+        f"rollback {name} in pull mode (deployment {dep_id}: {dep.status.value})",
+        ["device", "status", "error"],
+        [(r["device"], r["status"], r["error"] or "") for r in rows])))
+    if left_out:
+        raise errors.PartialFailureError(
+            f"rollback: {len(left_out)} pull device(s) left out", failed=left_out)

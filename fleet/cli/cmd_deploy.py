@@ -212,6 +212,9 @@ def deploy(
         "--wait", help="Pull devices: follow the rollout until every device reported "
                        "(or --deadline seconds passed); without it deploy returns once "
                        "the desired state is written.")] = False,
+    window: Annotated[str | None, typer.Option(
+        help="Pull devices: install only inside this device-local window, HH:MM-HH:MM "
+             "(e.g. 02:00-04:00; downloads may happen before).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Package MODEL for the targets, push it to each in parallel, stage, activate, report.
@@ -233,9 +236,15 @@ def deploy(
     check_variant(variant)
     if waves:
         parse_waves(waves)
+    if window is not None:
+        from fleet.core.pull import parse_window
+
+        parse_window(window)
     home = state().home
     reg = Registry.open(home)
     devs = tg.resolve(reg)
+    if window is not None and not all(d.uri.startswith("pull://") for d in devs):
+        raise errors.UsageError("--window is for pull devices (pull://) only")
     if dry_run:
         from fleet.rollout.dryrun import DeployRequest, preview_deploy
 
@@ -253,7 +262,7 @@ def deploy(
             golden=golden, entry=entry, bench={"iterations": iterations, "warmup": warmup},
             activate=activate, input_shape=input_shape, inputs=inputs),
             waves=waves, max_failed=max_failed, wait=wait, deadline=deadline,
-            as_json=as_json)
+            as_json=as_json, window=window)
         return
     reap_stale(reg)
     ctl = ctrl_c(reg)
@@ -387,6 +396,11 @@ def rollback(
 
         emit_plan(preview_rollback(home, reg, name, devs, to=to).to_dict()
                   | {"targets": tg.to_dict()}, as_json=as_json)
+        return
+    if any(d.uri.startswith("pull://") for d in devs):  # pull mode: desired state
+        from fleet.cli._pull_deploy import rollback_pull
+
+        rollback_pull(home, reg, name, devs, tg, to=to, as_json=as_json)
         return
     reap_stale(reg)
     order = None

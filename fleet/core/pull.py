@@ -52,7 +52,8 @@ from fleet.core.package.trust import ClockReading, check_freshness, format_time
 from fleet.core.package.verify import Signers, check_signature
 
 __all__ = ["API_PREFIX", "AUTH_TAG", "REPORT_TAG", "STATE_TYPE", "DesiredModel",
-           "DesiredState", "sign_desired_state", "sign_device", "sign_report",
+           "DesiredState", "in_window", "parse_window", "sign_desired_state", "sign_device",
+           "sign_report",
            "verify_desired_state", "verify_device_signature", "verify_report"]
 
 #: every device endpoint lives under this prefix (the API's major version is in it)
@@ -80,12 +81,18 @@ class DesiredModel:
     activate: bool = True
     order: dict[str, Any] | None = None
     deployment: str | None = None
+    #: ``HH:MM-HH:MM``, device-local: install (activate) only inside it; download and
+    #: stage may happen before (:func:`parse_window`, :func:`in_window`)
+    window: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "kind": self.kind,
-                "package_sha256": self.package_sha256, "size": self.size,
-                "digest": self.digest, "envelope": self.envelope, "activate": self.activate,
-                "order": self.order, "deployment": self.deployment}
+        doc = {"name": self.name, "version": self.version, "kind": self.kind,
+               "package_sha256": self.package_sha256, "size": self.size,
+               "digest": self.digest, "envelope": self.envelope, "activate": self.activate,
+               "order": self.order, "deployment": self.deployment}
+        if self.window is not None:  # absent rather than null: older documents stay
+            doc["window"] = self.window
+        return doc
 
     @classmethod
     def from_dict(cls, d: Any) -> DesiredModel:
@@ -95,7 +102,8 @@ class DesiredModel:
             m = cls(name=d["name"], version=d["version"], kind=d["kind"],
                     package_sha256=d["package_sha256"], size=d["size"], digest=d["digest"],
                     envelope=d.get("envelope"), activate=d.get("activate", True),
-                    order=d.get("order"), deployment=d.get("deployment"))
+                    order=d.get("order"), deployment=d.get("deployment"),
+                    window=d.get("window"))
         except KeyError as exc:
             raise errors.FormatError(f"desired model entry lacks {exc}") from None
         ok = (isinstance(m.name, str) and Manifest.valid_name(m.name)
@@ -106,10 +114,52 @@ class DesiredModel:
               and (m.envelope is None or isinstance(m.envelope, str))
               and isinstance(m.activate, bool)
               and (m.order is None or isinstance(m.order, dict))
-              and (m.deployment is None or isinstance(m.deployment, str)))
+              and (m.deployment is None or isinstance(m.deployment, str))
+              and (m.window is None or _window_ok(m.window)))
         if not ok:
             raise errors.FormatError("malformed desired model entry", entry=d.get("name"))
         return m
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``HH:MM-HH:MM`` (24-hour, device-local) as (start, end) minutes after midnight;
+    an end before the start wraps past midnight (``22:00-02:00``). UsageError (exit 2)
+    for anything else, or an empty window (start = end)."""
+    def minutes(part: str) -> int:
+        hh, sep, mm = part.strip().partition(":")
+        if not (sep and hh.isdigit() and mm.isdigit() and len(mm) == 2
+                and 1 <= len(hh) <= 2 and int(hh) < 24 and int(mm) < 60):
+            raise ValueError(part)
+        return int(hh) * 60 + int(mm)
+
+    try:
+        a, sep, b = str(text).partition("-")
+        if not sep:
+            raise ValueError(text)
+        start, end = minutes(a), minutes(b)
+    except ValueError:
+        raise errors.UsageError(f"--window {text!r}: give HH:MM-HH:MM, device-local "
+                                "24-hour time (e.g. 02:00-04:00)") from None
+    if start == end:
+        raise errors.UsageError(f"--window {text!r} is empty (start = end)")
+    return start, end
+
+
+def _window_ok(v: Any) -> bool:
+    try:
+        parse_window(v)
+    except errors.UsageError:
+        return False
+    return isinstance(v, str)
+
+
+def in_window(window: str | None, local: datetime) -> bool:
+    """Whether the device-local time ``local`` is inside ``window`` (None: always)."""
+    if window is None:
+        return True
+    start, end = parse_window(window)
+    now = local.hour * 60 + local.minute
+    return start <= now < end if start < end else (now >= start or now < end)
 
 
 def _is_hex64(v: Any) -> bool:

@@ -39,7 +39,7 @@ from fleet.registry.status import DeviceState, answered, device_status, says_abo
 from fleet.registry.types import utcnow
 from fleet.transports.uri import parse_uri
 
-__all__ = ["IN_CHUNK", "Registry", "chunked"]
+__all__ = ["IN_CHUNK", "Registry", "chunked", "note_contact"]
 
 #: values per SQL ``IN (...)`` list (SQLite allows 32,766 bound parameters per statement)
 IN_CHUNK = 10_000
@@ -49,6 +49,25 @@ def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """``items`` in consecutive slices of at most ``size``."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def note_contact(dev: Device, error: BaseException | None = None, *,
+                 agent_version: str | None = None, seen: datetime | None = None
+                 ) -> DeviceState:
+    """:meth:`Registry.record_contact` on a row the caller holds locked (in memory;
+    the caller's transaction writes it)."""
+    cls = type(error) if error is not None else None
+    if answered(cls):
+        dev.last_seen = seen or utcnow()
+    state = device_status(cls, dev.last_seen, previous=dev.status)
+    if cls is None:
+        dev.last_error = None
+    elif says_about_device(cls):
+        dev.last_error = str(getattr(error, "code", cls.__name__))
+    dev.status = state.value
+    if agent_version:
+        dev.agent_version = agent_version
+    return state
 
 
 class Registry:
@@ -169,19 +188,9 @@ class Registry:
         and return its new status, decided by :func:`fleet.registry.status.device_status`.
         The one writer of ``devices.status``; errors that say nothing about the device
         (registry, usage, plan) leave it as it was. Raises NotFoundError."""
-        cls = type(error) if error is not None else None
         with self.session() as s:
             dev = self._device(s, name, lock=True)  # read-modify-write: no lost update
-            if answered(cls):
-                dev.last_seen = seen or utcnow()
-            state = device_status(cls, dev.last_seen, previous=dev.status)
-            if cls is None:
-                dev.last_error = None
-            elif says_about_device(cls):
-                dev.last_error = str(getattr(error, "code", cls.__name__))
-            dev.status = state.value
-            if agent_version:
-                dev.agent_version = agent_version
+            state = note_contact(dev, error, agent_version=agent_version, seen=seen)
             s.add(dev)
             return state
 

@@ -31,8 +31,9 @@ from fleet.registry.api import Registry
 from fleet.registry.models import Device
 from fleet.registry.types import utcnow
 
-__all__ = ["HW_FACTS", "FactKind", "HwFact", "hw_facts", "note_activation", "note_probe",
-           "note_rollback", "note_status", "record_rollback", "record_status", "set_facts"]
+__all__ = ["HW_FACTS", "FactKind", "HwFact", "activation_change", "hw_facts",
+           "note_activation", "note_probe", "note_rollback", "note_status", "probe_change",
+           "record_rollback", "record_status", "set_facts", "status_change"]
 
 FactKind = Literal["str", "bool", "num"]
 Doc = Mapping[str, Any]
@@ -159,14 +160,19 @@ def set_facts(s: Session, device_id: uuid.UUID, change: Callable[[dict[str, Any]
     return dev.facts
 
 
-def note_probe(s: Session, device_id: uuid.UUID, probe: Doc) -> None:
-    """A new capability probe: every ``hw.*`` fact replaced by this probe's."""
+def probe_change(probe: Doc) -> Callable[[dict[str, Any]], None]:
+    """What :func:`note_probe` does to a copy of the facts (pure)."""
     def change(f: dict[str, Any]) -> None:
         for k in [k for k in f if k.startswith("hw.")]:
             del f[k]
         f.update(hw_facts(probe))
         f["_probed_at"] = _now()
-    set_facts(s, device_id, change)
+    return change
+
+
+def note_probe(s: Session, device_id: uuid.UUID, probe: Doc) -> None:
+    """A new capability probe: every ``hw.*`` fact replaced by this probe's."""
+    set_facts(s, device_id, probe_change(probe))
 
 
 def _set_models(f: dict[str, Any], installed: Mapping[str, Any]) -> None:
@@ -181,6 +187,11 @@ def _set_models(f: dict[str, Any], installed: Mapping[str, Any]) -> None:
 
 def note_status(s: Session, device_id: uuid.UUID, status: Doc) -> None:
     """The agent's ``status`` answer: installed models (``model.NAME``) and free space."""
+    set_facts(s, device_id, status_change(status))
+
+
+def status_change(status: Doc) -> Callable[[dict[str, Any]], None]:
+    """What :func:`note_status` does to a copy of the facts (pure)."""
     installed: dict[str, Any] = {}
     for name, row in (status.get("installed") or {}).items():
         if not isinstance(row, Mapping) or row.get("kind", "model") not in ("model", None):
@@ -197,7 +208,7 @@ def note_status(s: Session, device_id: uuid.UUID, status: Doc) -> None:
             f["_disk_free"] = free
             f["disk.free_gb"] = round(free / 2**30, 2)
         f["_status_at"] = _now()
-    set_facts(s, device_id, change)
+    return change
 
 
 def _switch(f: dict[str, Any], name: str, current: int | None, previous: int | None,
@@ -215,20 +226,25 @@ def _switch(f: dict[str, Any], name: str, current: int | None, previous: int | N
 
 def note_activation(s: Session, device_id: uuid.UUID, body: Doc) -> None:
     """An activation report: its probe (``hw.*``) and the model now active."""
+    set_facts(s, device_id, activation_change(body))
+
+
+def activation_change(body: Doc) -> Callable[[dict[str, Any]], None]:
+    """What :func:`note_activation` does to a copy of the facts (pure)."""
     name, version = body.get("name"), body.get("version")
     probe = body.get("probe")
-    if isinstance(probe, Mapping) and probe:
-        note_probe(s, device_id, probe)
-    if not isinstance(name, str) or not isinstance(version, int):
-        return
     prev = body.get("previous")
 
     def change(f: dict[str, Any]) -> None:
+        if isinstance(probe, Mapping) and probe:
+            probe_change(probe)(f)
+        if not isinstance(name, str) or not isinstance(version, int):
+            return
         old = (f.get("_installed") or {}).get(name) or {}
         previous = prev if isinstance(prev, int) else old.get("active")
         _switch(f, name, version, previous if previous != version else old.get("previous"),
                 body.get("digest") if isinstance(body.get("digest"), str) else None)
-    set_facts(s, device_id, change)
+    return change
 
 
 def note_rollback(s: Session, device_id: uuid.UUID, name: str, current: int | None,

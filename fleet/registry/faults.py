@@ -18,6 +18,8 @@ storage, and scripts should get an exit code per kind of fault, as with transpor
     PostgreSQL: login refused (28000, 28P01, "password authentication failed"),
     no such database (3D000)                                         -> RegistryError
     any other operational failure (disk I/O error)                   -> RegistryIOError
+    sqlite SQLITE_NOTADB/SQLITE_CORRUPT (not a database, a damaged
+    one), PostgreSQL class XX (data or index corrupted)              -> RegistryError
     a missing table or column (a registry behind this code's schema; sqlite's words,
     PostgreSQL 42P01/42703)                                          -> RegistryError
 
@@ -177,6 +179,8 @@ def _from_postgres(orig: BaseException, where: str, detail: str
             "run `fleet init` to migrate it", path=where, reason=detail)
     if code in _PG_READ_ONLY:
         return _read_only(where, None, reason=detail)
+    if (code or "").startswith("XX0"):  # data_corrupted, index_corrupted
+        return _damaged(where, detail)
     if code in _PG_FULL:
         return _full(where, reason=detail)
     if code in _PG_BUSY:
@@ -203,6 +207,14 @@ def _from_postgres(orig: BaseException, where: str, detail: str
 
 
 _SCHEMA_WORDS = ("no such table", "no such column", "has no column named")
+_DAMAGED_WORDS = ("file is not a database", "database disk image is malformed")
+
+
+def _damaged(where: str, detail: str) -> errors.RegistryError:
+    return errors.RegistryError(
+        f"the registry {where} is not a readable database ({detail}): restore it from a "
+        "backup, or move it aside and run `fleet init` for an empty one", path=where,
+        reason=detail)
 
 
 def _from_sqlite(orig: sqlite3.Error, where: str, path: Path | None, detail: str
@@ -213,6 +225,9 @@ def _from_sqlite(orig: sqlite3.Error, where: str, path: Path | None, detail: str
         return errors.RegistryError(
             f"the registry {where} does not have the tables this fleet expects ({detail}); "
             "run `fleet init` to migrate it", path=where, reason=detail)
+    if (name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
+            or any(w in text for w in _DAMAGED_WORDS)):
+        return _damaged(where, detail)
     if name.startswith(("SQLITE_READONLY", "SQLITE_PERM")) or "readonly database" in text:
         return _read_only(where, path, reason=detail)
     if name.startswith("SQLITE_FULL") or "database or disk is full" in text:

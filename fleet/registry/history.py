@@ -39,6 +39,7 @@ __all__ = [
     "StepChange",
     "add_report",
     "add_snapshot",
+    "apply_state",
     "cancel_unfinished",
     "create_deployment",
     "deployment_reports",
@@ -51,10 +52,13 @@ __all__ = [
     "list_deployments",
     "lora_states",
     "next_version",
+    "note_activation",
+    "note_step",
     "record_activation",
     "record_artifact",
     "record_attempt",
     "record_steps",
+    "report_rows",
     "reports_for",
     "reverting",
     "set_lora_state",
@@ -112,7 +116,8 @@ def create_deployment(reg: Registry, *, name: str, version: int | None, target: 
         return dep, steps
 
 
-def _apply(st: DeploymentStep, state: StepState, *, done: bool) -> None:
+def apply_state(st: DeploymentStep, state: StepState, *, done: bool) -> None:
+    """Move the row ``st`` to ``state`` in memory (timings; ``done``: it ends here)."""
     now = utcnow()
     st.state = state
     st.updated_at = now
@@ -147,8 +152,17 @@ def _step(s: Session, step_id: uuid.UUID) -> DeploymentStep:
 def _set_step(s: Session, step_id: uuid.UUID, state: StepState, *, error_code: str | None,
               error_message: str | None, bytes_sent: int | None, attempt: bool, done: bool,
               detail: dict[str, Any]) -> None:
-    st = _step(s, step_id)
-    _apply(st, state, done=done)
+    note_step(s, _step(s, step_id), state, error_code=error_code,
+              error_message=error_message, bytes_sent=bytes_sent, attempt=attempt, done=done,
+              detail=detail)
+
+
+def note_step(s: Session, st: DeploymentStep, state: StepState, *, error_code: str | None,
+              error_message: str | None, bytes_sent: int | None, attempt: bool, done: bool,
+              detail: dict[str, Any]) -> None:
+    """:func:`set_step` on the row ``st`` (locked by the caller), in ``s``'s transaction."""
+    step_id = st.id
+    apply_state(st, state, done=done)
     if error_code is not None or state is not StepState.FAILED:
         st.error_code = error_code
         st.error_message = error_message
@@ -218,7 +232,7 @@ def record_attempt(reg: Registry, step_id: uuid.UUID, attempt_no: int) -> StepSt
     with reg.session() as s:
         st = _step(s, step_id)
         if st.state is StepState.PENDING:
-            _apply(st, StepState.CONNECTING, done=False)
+            apply_state(st, StepState.CONNECTING, done=False)
         st.attempts += 1
         s.add(st)
         s.add(StepEvent(step_id=step_id, state=StepState.CONNECTING,
@@ -233,15 +247,23 @@ def record_activation(reg: Registry, step_id: uuid.UUID, device: Device, body: d
     transaction. ``recovered``: the activation finished while no controller watched and
     the report was read back from the agent afterwards."""
     with reg.session() as s:
-        extra = {"recovered": True} if recovered else {}
-        _set_step(s, step_id, StepState.ACTIVATED, error_code=None, error_message=None,
-                  bytes_sent=None, attempt=False, done=False, detail=extra)
-        _add_report(s, device, "activate", body, deployment_id=deployment_id)
-        if body.get("probe"):
-            s.add(CapabilitySnapshot(device_id=device.id, probe=body["probe"]))
-        facts.note_activation(s, device.id, body)  # selectors: hw.*, model.NAME
-        _set_step(s, step_id, StepState.OK, error_code=None, error_message=None,
-                  bytes_sent=bytes_sent, attempt=False, done=True, detail=extra)
+        note_activation(s, _step(s, step_id), device, body, deployment_id=deployment_id,
+                        bytes_sent=bytes_sent, recovered=recovered)
+
+
+def note_activation(s: Session, st: DeploymentStep, device: Device, body: dict[str, Any],
+                    *, deployment_id: uuid.UUID, bytes_sent: int | None,
+                    recovered: bool = False) -> None:
+    """:func:`record_activation` on the row ``st`` (locked), in ``s``'s transaction."""
+    extra = {"recovered": True} if recovered else {}
+    note_step(s, st, StepState.ACTIVATED, error_code=None, error_message=None,
+              bytes_sent=None, attempt=False, done=False, detail=extra)
+    _add_report(s, device, "activate", body, deployment_id=deployment_id)
+    if body.get("probe"):
+        s.add(CapabilitySnapshot(device_id=device.id, probe=body["probe"]))
+    facts.note_activation(s, device.id, body)  # selectors: hw.*, model.NAME
+    note_step(s, st, StepState.OK, error_code=None, error_message=None,
+              bytes_sent=bytes_sent, attempt=False, done=True, detail=extra)
 
 
 def get_deployment(reg: Registry, deployment_id: uuid.UUID) -> Deployment:
@@ -378,21 +400,29 @@ def add_report(reg: Registry, device: Device, kind: str, body: dict[str, Any], *
         return _add_report(s, device, kind, body, deployment_id=deployment_id)
 
 
-def _add_report(s: Session, device: Device, kind: str, body: dict[str, Any], *,
-                deployment_id: uuid.UUID | None) -> Report:
+def report_rows(device_id: uuid.UUID, kind: str, body: dict[str, Any], *,
+                deployment_id: uuid.UUID | None) -> tuple[Report, list[Finding]]:
+    """One agent report's row and its findings' rows (not added to any session)."""
     pick = body.get("pick") or {}
-    rep = Report(device_id=device.id, deployment_id=deployment_id, kind=kind,
+    rep = Report(device_id=device_id, deployment_id=deployment_id, kind=kind,
                  model_name=body.get("name"), model_version=body.get("version"),
                  configured_backend=body.get("configured_backend"),
                  effective_backend=body.get("effective_backend") or pick.get("effective_backend"),
                  recommended_backend=body.get("recommended_backend") or pick.get("backend"),
                  median_ms=pick.get("median_ms"), body=body)
+    found = [Finding(report_id=rep.id, device_id=device_id, rule_id=str(f.get("id")),
+                     severity=str(f.get("severity", "info")),
+                     message=str(f.get("message", "")), fix=str(f.get("fix", "")))
+             for f in body.get("findings") or []]
+    return rep, found
+
+
+def _add_report(s: Session, device: Device, kind: str, body: dict[str, Any], *,
+                deployment_id: uuid.UUID | None) -> Report:
+    rep, found = report_rows(device.id, kind, body, deployment_id=deployment_id)
     s.add(rep)
     s.flush()
-    for f in body.get("findings") or []:
-        s.add(Finding(report_id=rep.id, device_id=device.id, rule_id=str(f.get("id")),
-                      severity=str(f.get("severity", "info")),
-                      message=str(f.get("message", "")), fix=str(f.get("fix", ""))))
+    s.add_all(found)
     return rep
 
 

@@ -39,7 +39,7 @@ from fleet.connect import device_session
 from fleet.core import errors
 from fleet.core.fsutil import room_needed
 from fleet.home import FleetHome
-from fleet.registry import Device, Registry, facts
+from fleet.registry import Device, Registry
 from fleet.registry import history as hist
 from fleet.registry.models import DeploymentStep, StepState
 from fleet.rollout.fanout import (
@@ -52,6 +52,7 @@ from fleet.rollout.fanout import (
 )
 from fleet.rollout.lease import Heartbeat, Holder, LeaseConfig, abandon, holder
 from fleet.rollout.reconcile import Do, Goal, next_action, observe
+from fleet.rollout.steplog import StepLog
 from fleet.worker.dispatch import CeleryDispatcher, dispatcher_for
 
 __all__ = ["KILL_ENV", "DeployJob", "DeployResult", "Opener", "Run", "holding", "kill_point",
@@ -173,35 +174,35 @@ class _Device:
     step_id: uuid.UUID
     ctx: TaskContext
     cancel: threading.Event
+    log: StepLog  #: this step's writes, flushed at the safe points (fleet.rollout.steplog)
 
     def run(self, state: StepState) -> DeployResult:
-        job, ctx, reg = self.job, self.ctx, self.reg
+        job, ctx, log = self.job, self.ctx, self.log
         ctx.state("connecting")  # the status round trip is the first contact
         status = self.agent.status(timeout=min(60.0, ctx.deadline.remaining()))
-        reg.touch_device(self.dev.name, agent_version=status.agent_version)
-        facts.record_status(reg, self.dev.id, status.doc)  # what --dry-run plans from
+        log.contact(agent_version=status.agent_version)
+        log.status_facts(status.doc)  # what --dry-run plans from
         seen = observe(status.installed.get(job.name), version=job.version, digest=job.digest)
         act = next_action(state, seen, goal=job.goal)
         if act.do is Do.REFUSE:
             raise errors.PlanError(f"{self.dev.name}: {act.reason}", device=self.dev.name,
                                    model=job.name)
         if act.do in (Do.SKIP, Do.NOTHING):
-            hist.set_step(reg, self.step_id, StepState.SKIPPED, reason=act.reason)
+            log.move(StepState.SKIPPED, reason=act.reason)
             ctx.finish_as(DeviceStatus.SKIPPED, act.reason)
             return DeployResult()
         if act.do is Do.RECORD_STAGED:
-            hist.set_step(reg, self.step_id, StepState.STAGED, done=True, observed=True)
+            log.move(StepState.STAGED, done=True, observed=True)
             ctx.finish_as(DeviceStatus.STAGED, "staged (found on the device)")
             return DeployResult()
         if act.do is Do.RECORD_ACTIVE:
             body = _read_report(self.agent, job, ctx.deadline.remaining(30))
-            hist.record_activation(reg, self.step_id, self.dev, body, deployment_id=self.dep_id,
-                                   bytes_sent=None, recovered=True)
-            reg.touch_device(self.dev.name, status="ok")
+            log.activation(body, deployment_id=self.dep_id, bytes_sent=None, recovered=True)
+            log.contact(status="ok")
             return DeployResult(report=body)
         if act.do is Do.ACTIVATE:
             if act.record is not None:
-                hist.set_step(reg, self.step_id, act.record, observed=True, reason=act.reason)
+                log.move(act.record, observed=True, reason=act.reason)
             return self.activate(None)
         sent = self.push_and_stage(status.doc)
         if not job.activate:
@@ -210,7 +211,7 @@ class _Device:
         return self.activate(sent)
 
     def push_and_stage(self, status_doc: dict[str, Any]) -> int:
-        job, ctx, reg, name = self.job, self.ctx, self.reg, self.dev.name
+        job, ctx, log, name = self.job, self.ctx, self.log, self.dev.name
         free = (status_doc.get("disk") or {}).get("free")
         need = room_needed(job.package.stat().st_size)
         if isinstance(free, int) and free < need:  # refuse before sending anything
@@ -222,8 +223,8 @@ class _Device:
         envelope = envelope_for(job.package, self.dev.fingerprint, name)
         ctx.check()
         _stop_if(self.cancel, name, "its push")
-        hist.set_step(reg, self.step_id, StepState.PUSHING,
-                      remote=self.agent.incoming_path(job.package_sha256))
+        log.move(StepState.PUSHING, remote=self.agent.incoming_path(job.package_sha256))
+        log.flush()  # the registry says `pushing` before a byte reaches the device
         ctx.state("sending")
 
         def progress(done: int, total: int) -> None:
@@ -236,32 +237,32 @@ class _Device:
 
         up = self.agent.upload(job.package, job.package_sha256, progress=progress)
         tr = up.transfer
-        hist.set_step(reg, self.step_id, StepState.PUSHED, bytes_sent=tr.bytes_sent,
-                      resumed_from=tr.resumed_from, sha256=tr.sha256)
+        log.move(StepState.PUSHED, bytes_sent=tr.bytes_sent, resumed_from=tr.resumed_from,
+                 sha256=tr.sha256)
         ctx.check()
         ctx.state("staging")
         staged = self.agent.stage(up.remote, envelope=envelope,
                                   timeout=ctx.deadline.remaining(30))
         if staged.doc.get("root_version") is not None:  # the root chain travelled with it
-            reg.update_device(name, root_version=staged.doc["root_version"])
-        hist.set_step(reg, self.step_id, StepState.STAGED, version=staged.version,
-                      done=not job.activate)
+            log.device_fields(root_version=staged.doc["root_version"])
+        log.move(StepState.STAGED, version=staged.version, done=not job.activate)
+        log.flush()  # pushed + staged in one transaction
         kill_point("staged")
         return tr.bytes_sent
 
     def activate(self, sent: int | None) -> DeployResult:
-        job, ctx, reg = self.job, self.ctx, self.reg
+        job, ctx, log = self.job, self.ctx, self.log
         ctx.check()
         _stop_if(self.cancel, self.dev.name, "its activation")
-        hist.set_step(reg, self.step_id, StepState.ACTIVATING)
+        log.move(StepState.ACTIVATING)
+        log.flush()  # the registry says `activating` before the agent starts
         ctx.state("activating")
         kill_point("activating")
         body = self.agent.activate(job.name, job.version, **job.bench,
                                    timeout=ctx.deadline.remaining(60)).report
         kill_point("activated")
-        hist.record_activation(reg, self.step_id, self.dev, body, deployment_id=self.dep_id,
-                               bytes_sent=sent)
-        reg.touch_device(self.dev.name, status="ok")
+        log.activation(body, deployment_id=self.dep_id, bytes_sent=sent)
+        log.contact(status="ok")
         return DeployResult(bytes_sent=sent or 0, report=body)
 
 
@@ -340,7 +341,8 @@ class Run:
         ids = {n: st.id for n, st in steps.items()}
 
         def task(dev: Device, ctx: TaskContext) -> DeployResult:
-            return self.device_task(dev, ctx, ids[dev.name])
+            st = steps[dev.name]
+            return self.device_task(dev, ctx, st.id, st.state)
 
         if todo:
             disp, remote = self._farm(ids)
@@ -352,14 +354,26 @@ class Run:
         return result.sorted_by(names)
 
 
-    def device_task(self, dev: Device, ctx: TaskContext, step_id: uuid.UUID) -> DeployResult:
+    def device_task(self, dev: Device, ctx: TaskContext, step_id: uuid.UUID,
+                    known: StepState | None = None) -> DeployResult:
         """One device's step: an attempt event, then the reconcile table's decision from
-        the step and the agent's status (fresh or resumed alike)."""
-        state = hist.record_attempt(self.reg, step_id, ctx.attempt + 1)
+        the step and the agent's status (fresh or resumed alike). Its registry writes go
+        through a :class:`StepLog`: about four transactions a fresh step, the last when
+        it ends, whether it returns or raises. ``known``: the step's state as the caller
+        just read it (first attempt only; else it is read)."""
+        log = StepLog(self.reg, step_id, dev)
+        state = log.attempt(ctx.attempt + 1, known if ctx.attempt == 0 else None)
         ctx.state("connecting")
-        with self.open_agent(dev, ctx) as agent:
-            return _Device(self.reg, self.job, dev, agent, self.dep_id, step_id, ctx,
-                           self.cancel).run(state)
+        try:
+            with self.open_agent(dev, ctx) as agent:
+                result = _Device(self.reg, self.job, dev, agent, self.dep_id, step_id, ctx,
+                                 self.cancel, log).run(state)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the step's own error is what counts
+                log.flush()
+            raise
+        log.flush()
+        return result
 
     def farm_dispatcher(self) -> CeleryDispatcher | None:
         """The dispatcher for this deployment's farm devices, or None: everything runs

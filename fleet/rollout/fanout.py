@@ -308,6 +308,8 @@ class DispatchOptions:
     cancel: threading.Event
     on_state: Callable[[str, str], None] | None = None
     poll_s: float = 0.5
+    #: ``on_bytes(device, done, total)``: a farm push's progress as its worker reports it
+    on_bytes: Callable[[str, int, int], None] | None = None
 
 
 #: runs some of the items in this process: ``local(items, on_done) -> FleetResult``
@@ -404,7 +406,7 @@ def call_each(devices: Mapping[str, T] | Sequence[T], task: Callable[[T, TaskCon
 
         opts = DispatchOptions(deadline_s=deadline_s, retries=max(0, retries),
                                grace_s=grace_s, cancel=stop, on_state=on_state,
-                               poll_s=poll_s)
+                               poll_s=poll_s, on_bytes=on_bytes)
         out: FleetResult[R] = dispatcher.dispatch(items, remote, local, opts, on_done)
         return out.sorted_by(list(items))
     backoff = backoff or Backoff()

@@ -45,7 +45,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from fleet.core import errors
-from fleet.core.pull import DesiredModel
+from fleet.core.pull import DesiredModel, parse_window
 from fleet.home import FleetHome
 from fleet.registry import Device, Registry
 from fleet.registry import history as hist
@@ -54,6 +54,7 @@ from fleet.registry.db import serialize
 from fleet.registry.models import (
     Artifact,
     Deployment,
+    DeploymentKind,
     DeploymentState,
     DeploymentStep,
     DesiredState,
@@ -67,7 +68,8 @@ from fleet.rollout.deploy import DeployJob
 from fleet.rollout.plan import split_waves
 
 __all__ = ["MODE", "PROGRESS", "Progress", "advance", "apply_progress", "desired_of",
-           "is_pull", "late_join", "record_report", "start", "step_view"]
+           "entry_for", "is_pull", "late_join", "put_entry", "record_report", "start",
+           "step_view"]
 
 MODE = "pull"
 
@@ -109,14 +111,22 @@ class Progress:
 
 
 # -- writing desired state ----------------------------------------------------------------
-def _entry(job: DeployJob, dep_id: uuid.UUID) -> dict[str, Any]:
+def entry_for(job: DeployJob, dep_id: uuid.UUID, window: str | None = None
+              ) -> dict[str, Any]:
+    """The desired-state entry of deployment ``dep_id`` (``window``: its install window,
+    ``HH:MM-HH:MM`` device-local)."""
+    try:
+        size = job.package.stat().st_size  # the file a device downloads
+    except OSError:  # gone (fleet gc): the server leaves the entry out at check-in
+        size = job.size
     return DesiredModel(name=job.name, version=job.version, kind=job.kind,
-                        package_sha256=job.package_sha256, size=job.package.stat().st_size,
+                        package_sha256=job.package_sha256, size=size,
                         digest=job.digest, activate=job.activate,
-                        deployment=str(dep_id)).to_dict()
+                        deployment=str(dep_id), window=window).to_dict()
 
 
-def _put(s: Session, device_id: uuid.UUID, entry: dict[str, Any], counter: int) -> None:
+def put_entry(s: Session, device_id: uuid.UUID, entry: dict[str, Any], counter: int
+              ) -> None:
     """Upsert ``entry`` (by model name) into the device's desired state at ``counter``."""
     row = s.get(DesiredState, device_id)
     if row is None:
@@ -136,12 +146,12 @@ def _open_wave(reg: Registry, dep_id: uuid.UUID, wave: int) -> None:
         if dep is None or int((dep.options or {}).get("open_wave") or 0) >= wave:
             return
         job = DeployJob.from_options(dep.options["job"])
-        entry = _entry(job, dep_id)
+        entry = entry_for(job, dep_id, dep.options.get("window"))
         steps = s.exec(select(DeploymentStep).where(
             DeploymentStep.deployment_id == dep_id)).all()
         for st in steps:
             if (st.wave or 1) == wave and st.state is StepState.PENDING:
-                _put(s, st.device_id, entry, counter)
+                put_entry(s, st.device_id, entry, counter)
                 s.add(StepEvent(step_id=st.id, state=StepState.PENDING,
                                 detail={"desired": counter, "wave": wave}))
         dep.options = {**dep.options, "open_wave": wave}
@@ -149,11 +159,15 @@ def _open_wave(reg: Registry, dep_id: uuid.UUID, wave: int) -> None:
 
 
 def start(reg: Registry, job: DeployJob, devices: Sequence[Device], *, target: str,
-          groups: Sequence[str] = (), waves: str | None = None, max_failed: int = 0
-          ) -> uuid.UUID:
+          groups: Sequence[str] = (), waves: str | None = None, max_failed: int = 0,
+          window: str | None = None) -> uuid.UUID:
     """Record a pull deployment of ``job`` to ``devices`` (``groups``: the target groups,
-    whose later members join it) and write the first wave's desired state. UsageError
-    (exit 2) for a target that is not a ``pull://`` device."""
+    whose later members join it) and write the first wave's desired state. ``window``:
+    the device-local install window (``HH:MM-HH:MM``, :func:`fleet.core.pull.parse_window`)
+    every entry carries. UsageError (exit 2) for a target that is not a ``pull://``
+    device or a malformed window."""
+    if window is not None:
+        parse_window(window)
     push = [d.name for d in devices if not is_pull(d)]
     if push:
         raise errors.UsageError(f"not pull devices: {', '.join(push)}; deploy pull and "
@@ -166,7 +180,7 @@ def start(reg: Registry, job: DeployJob, devices: Sequence[Device], *, target: s
         waves={n: i for i, w in enumerate(wave_list, 1) for n in w} if waves else None,
         options={"mode": MODE, "job": job.to_options(), "waves": waves,
                  "max_failed": max_failed, "groups": list(groups), "open_wave": 0,
-                 "wave_count": len(wave_list)})
+                 "wave_count": len(wave_list), "window": window})
     _open_wave(reg, dep.id, 1)
     return dep.id
 
@@ -259,8 +273,8 @@ def late_join(reg: Registry, device: Device) -> list[uuid.UUID]:
             s.flush()
             s.add(StepEvent(step_id=st.id, state=StepState.PENDING,
                             detail={"late_join": True, "desired": counter, "wave": wave}))
-            _put(s, device.id, _entry(DeployJob.from_options(dep.options["job"]), dep_id),
-                 counter)
+            put_entry(s, device.id, entry_for(DeployJob.from_options(dep.options["job"]),
+                                              dep_id, dep.options.get("window")), counter)
             if dep.status is not DeploymentState.RUNNING:
                 dep.status = DeploymentState.RUNNING  # reopened until the late one ends
                 dep.finished_at = None
@@ -299,8 +313,11 @@ def apply_progress(reg: Registry, device: Device, items: Sequence[Progress], *,
             st = _step(s, dep_id, device.id)
             dep = s.get(Deployment, dep_id)
         if st is None or dep is None or st.state.terminal or st.state is target \
-                or dep.version != p.version:
+                or (dep.version is not None and dep.version != p.version):
             continue
+        if dep.kind is DeploymentKind.ROLLBACK and target in (StepState.ROLLED_BACK,
+                                                              StepState.SKIPPED):
+            target = StepState.OK  # `fleet rollback` reached its goal on this device
         if target is StepState.STAGED and not (dep.options.get("job") or {}).get(
                 "activate", True):
             hist.set_step(reg, st.id, target, done=True, reported=True)
@@ -369,7 +386,7 @@ def _roll_back(reg: Registry, home: FleetHome, dep: Deployment,
                              deployment=str(dep.id)).to_dict()
         counter = next_value(reg)
         with reg.session() as s:
-            _put(s, st.device_id, entry, counter)
+            put_entry(s, st.device_id, entry, counter)
         hist.set_step(reg, st.id, StepState.ROLLING_BACK, to=back, desired=counter)
 
 

@@ -153,7 +153,13 @@ def cancel_deployment(reg: Registry, dep_id: uuid.UUID, *,
         s.add(dep)
         if not was_running:  # nobody works on it: its unfinished steps end here
             hist.cancel_unfinished(s, dep.id, staged_is_done=False)
-    if was_running and pid is not None:
+        pull_mode = (dep.options or {}).get("mode") == "pull"
+    if pull_mode:  # no controller runs it: the devices' desired state goes back
+        from fleet.rollout.pull_revert import cancel_pull
+
+        back = cancel_pull(reg, dep_id)
+        did = f"desired state reverted on {len(back)} pull device(s)"
+    elif was_running and pid is not None:
         if host == here and pid != os.getpid() and pid_alive(pid):
             send = signal_process or (lambda p: os.kill(p, signal.SIGTERM))
             with contextlib.suppress(ProcessLookupError):

@@ -29,9 +29,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import bindparam
+from sqlmodel import col, select
 
 from fleet.artifacts.keys import load_signing_key
-from fleet.artifacts.trust import chain_docs, current_root
+from fleet.artifacts.trust import TrustPaths, chain_docs, current_root
 from fleet.core import errors
 from fleet.core.package.trust import format_time
 from fleet.core.pull import (
@@ -43,6 +45,7 @@ from fleet.core.pull import (
     verify_report,
 )
 from fleet.registry import Device, Registry
+from fleet.registry.models import DesiredState
 from fleet.registry.types import utcnow
 from fleet.rollout import pull
 from fleet.server import auth
@@ -61,6 +64,7 @@ from fleet.server.schemas import (
     TokenIn,
     TokenOut,
 )
+from fleet.server.seen import SeenWriter
 from fleet.server.settings import ServerSettings
 from fleet.server.tokens import redeem_token
 
@@ -97,6 +101,8 @@ class ServerContext:
         self.limiter = RateLimiter(settings.rate_per_min, settings.rate_burst)
         self.secret = auth.load_secret(self.home.keys_dir / "server_secret")
         self._reg: Registry | None = None
+        self._trust: tuple[int | None, int | None, list[dict[str, Any]]] | None = None
+        self.seen = SeenWriter(lambda: self.reg)
 
     @property
     def reg(self) -> Registry:
@@ -109,8 +115,19 @@ class ServerContext:
         return load_signing_key(self.home)
 
     def trust(self) -> tuple[int | None, list[dict[str, Any]]]:
-        root = current_root(self.home)
-        return (root.signed.version if root else None), (chain_docs(self.home) or [])
+        """The newest root's version and the chain, v1 first; parsed once and kept while
+        the roots directory is unchanged (``fleet keys rotate`` adds a file: its mtime
+        moves), so a check-in costs one ``stat``, not a parse of every root."""
+        roots = TrustPaths(self.home).roots
+        try:
+            stamp = roots.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if self._trust is None or self._trust[0] != stamp or stamp is None:
+            root = current_root(self.home)
+            self._trust = (stamp, (root.signed.version if root else None),
+                           chain_docs(self.home) or [])
+        return self._trust[1], self._trust[2]
 
     def now(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.clock_skew_s)
@@ -138,23 +155,53 @@ def _device(request: Request,
         ctx.limiter.take(_client_key(request))
         raise errors.ServerAuthError("a bearer token is required (POST /auth/token)",
                                      status=401)
-    claims = auth.check_token(ctx.secret, cred.credentials, int(time.time()))
+    return _authorized(ctx, cred.credentials, with_state=False)[0]
+
+
+def _device_and_state(request: Request,
+                      cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+                      ) -> tuple[Device, DesiredState | None]:
+    """:func:`_device` and its desired state, read in one query (the check-in's only
+    read)."""
+    ctx = _ctx(request)
+    if cred is None or cred.scheme.lower() != "bearer":
+        ctx.limiter.take(_client_key(request))
+        raise errors.ServerAuthError("a bearer token is required (POST /auth/token)",
+                                     status=401)
+    return _authorized(ctx, cred.credentials, with_state=True)
+
+
+#: the check-in's one read, built once (not per request)
+_DEVICE_AND_STATE = (select(Device, DesiredState).outerjoin(
+    DesiredState, col(DesiredState.device_id) == col(Device.id))
+    .where(col(Device.id) == bindparam("dev_id")))
+
+
+def _authorized(ctx: ServerContext, token: str, *, with_state: bool
+                ) -> tuple[Device, DesiredState | None]:
+    claims = auth.check_token(ctx.secret, token, int(time.time()))
     ctx.limiter.take("dev:" + claims.device_id)
     try:
         dev_id = uuid.UUID(claims.device_id)
     except ValueError as exc:
         raise errors.ServerAuthError("malformed token", status=401) from exc
+    state: DesiredState | None = None
     with ctx.reg.reading() as s:
-        dev = s.get(Device, dev_id)
+        if with_state:
+            row = s.exec(_DEVICE_AND_STATE, params={"dev_id": dev_id}).first()
+            dev, state = (row[0], row[1]) if row is not None else (None, None)
+        else:
+            dev = s.get(Device, dev_id)
     if dev is None or dev.fingerprint != claims.fingerprint:
         raise errors.ServerAuthError("this token's device key is no longer registered",
                                      status=401)
     if dev.revoked_at is not None:
         raise errors.RevokedError(f"device {dev.name} is revoked", status=403)
-    return dev
+    return dev, state
 
 
 DeviceDep = Annotated[Device, Depends(_device)]
+DeviceStateDep = Annotated[tuple[Device, "DesiredState | None"], Depends(_device_and_state)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 429, 503)}
 
@@ -162,23 +209,68 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def _touch(ctx: ServerContext, dev: Device, body: CheckinIn | None = None) -> None:
     """``last_seen`` and the status facts, at most every :data:`SEEN_EVERY_S`."""
     seen = dev.last_seen
-    if seen is not None and (utcnow() - seen).total_seconds() < SEEN_EVERY_S \
+    now = utcnow()
+    if seen is not None and (now - seen).total_seconds() < SEEN_EVERY_S \
             and not (body and body.progress):
         return
-    ctx.reg.touch_device(dev.name, agent_version=body.agent_version if body else None)
-    if body is not None:
-        from fleet.registry import facts
+    if body is not None and not body.progress and not _facts_stale(dev, body, now):
+        ctx.seen.note(dev.id, now, agent_version=body.agent_version,
+                      root_version=body.root_version)  # written behind, in a batch
+        return
+    from fleet.registry import facts
+    from fleet.registry.status import device_status
 
-        doc: dict[str, Any] = {"installed": body.installed}
-        if body.disk_free is not None:
-            doc["disk"] = {"free": body.disk_free}
-        facts.record_status(ctx.reg, dev.id, doc)
-        if body.root_version is not None and body.root_version != dev.root_version:
-            ctx.reg.update_device(dev.name, root_version=body.root_version)
+    with ctx.reg.session() as s:  # one transaction: the row locked, read, written
+        row = s.get(Device, dev.id, with_for_update=True)
+        if row is None:
+            return
+        row.last_seen = now
+        row.status = device_status(None, now, previous=row.status).value
+        row.last_error = None
+        if body is not None:
+            if body.agent_version:
+                row.agent_version = body.agent_version
+            if body.root_version is not None and body.root_version != row.root_version:
+                row.root_version = body.root_version
+            doc: dict[str, Any] = {"installed": body.installed}
+            if body.disk_free is not None:
+                doc["disk"] = {"free": body.disk_free}
+            facts.note_status(s, dev.id, doc)
+        s.add(row)
 
 
-def _desired(ctx: ServerContext, dev: Device) -> dict[str, Any]:
-    row = pull.desired_of(ctx.reg, dev.id)
+#: status facts older than this are rewritten even when nothing changed (seconds)
+FACTS_EVERY_S = 3600.0
+
+
+def _facts_stale(dev: Device, body: CheckinIn, now: datetime) -> bool:
+    """Whether this check-in's status would change the device's facts (installed models,
+    free space moved by more than 1 % or 64 MiB, or facts older than
+    :data:`FACTS_EVERY_S`): those check-ins are written at once."""
+    f = dev.facts or {}
+    installed = {str(n): {"active": r.get("active", r.get("version")),
+                          "previous": r.get("previous"),
+                          "versions": list(r.get("versions") or []),
+                          "digest": r.get("digest")}
+                 for n, r in body.installed.items()
+                 if isinstance(r, dict) and r.get("kind", "model") in ("model", None)}
+    if f.get("_installed") != installed:
+        return True
+    if body.disk_free is not None:
+        had = f.get("_disk_free")
+        if not isinstance(had, int) or abs(had - body.disk_free) > max(
+                64 << 20, body.disk_free // 100):
+            return True
+    try:
+        at = datetime.fromisoformat(str(f.get("_status_at")))
+    except ValueError:
+        return True
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return (now - at).total_seconds() > FACTS_EVERY_S
+
+
+def _desired(ctx: ServerContext, dev: Device, row: DesiredState | None) -> dict[str, Any]:
     models: list[DesiredModel] = []
     for m in row.models if row is not None else []:
         if m.get("envelope") is None and m.get("order") is None:
@@ -204,6 +296,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.state.ctx = ServerContext(cfg)
         app.state.ctx.reg  # noqa: B018 (open the registry now: refuse to start without one)
         yield
+        with contextlib.suppress(errors.FleetError):
+            app.state.ctx.seen.close()
         if app.state.ctx._reg is not None:
             app.state.ctx._reg.close()
 
@@ -291,18 +385,23 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/checkin", response_model=CheckinOut, responses=_ERRORS,
               tags=["device"])
-    def checkin(body: CheckinIn, dev: DeviceDep, request: Request) -> CheckinOut:
+    def checkin(body: CheckinIn, found: DeviceStateDep, request: Request) -> CheckinOut:
         """The device's status in, its signed desired state out."""
         ctx = _ctx(request)
+        dev, state = found
+        moved = False
         if body.progress:
             pull.apply_progress(ctx.reg, dev, [pull.Progress(
                 p.name, p.version, p.state, p.deployment, p.error_code, p.error_message)
                 for p in body.progress], home=ctx.home)
-        pull.late_join(ctx.reg, dev)
+            moved = True
+        moved = bool(pull.late_join(ctx.reg, dev)) or moved
         _touch(ctx, dev, body)
+        if moved:  # a wave opened, a rollback or a late join may have written it
+            state = pull.desired_of(ctx.reg, dev.id)
         version, chain = ctx.trust()
         behind = version is not None and (body.root_version or 0) < version
-        return CheckinOut(desired=_desired(ctx, dev), trust=chain if behind else None,
+        return CheckinOut(desired=_desired(ctx, dev, state), trust=chain if behind else None,
                           poll_s=ctx.settings.poll_s, server_time=format_time(ctx.now()))
 
     @app.get(f"{API_PREFIX}/packages/{{sha256}}", responses={

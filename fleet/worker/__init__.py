@@ -16,6 +16,7 @@ events to the shared registry. Modules:
 - :mod:`~fleet.worker.dispatch`: the Celery dispatcher behind the fan-out's seam;
 - :mod:`~fleet.worker.tasks`: the task kinds a worker runs (deploy, rollback, audit,
   lora, enroll) and the Celery task that runs one;
+- :mod:`~fleet.worker.progress`: pushes' bytes, reported to the controller's display;
 - :mod:`~fleet.worker.runner`: ``fleet worker --host NAME``;
 - :mod:`~fleet.worker.artifacts`: packages through the shared artifact location.
 """

@@ -12,7 +12,11 @@ Delivery guarantees (Celery's own options, set here and nowhere else):
   waits unacknowledged behind others until its visibility timeout runs out;
 - ``task_track_started``: the controller tells a queued task from a started one (a cancel
   revokes the first and waits for the second);
-- JSON only, both ways.
+- JSON only, both ways;
+- no subscription per sent task: Celery's Redis result backend subscribes the sender to
+  each task's result channel (for ``AsyncResult.get``), one ``SUBSCRIBE`` per task and a
+  growing unread buffer; the controller reads results with ``MGET`` instead
+  (:mod:`fleet.worker.broker`), so its app skips that (:func:`make_app`).
 """
 
 from __future__ import annotations
@@ -65,7 +69,17 @@ def make_app(settings: FarmSettings) -> Celery:
 
     if settings.broker_url is None:
         raise ValueError("no broker configured")
-    app = Celery("fleet", broker=settings.broker_url, backend=settings.broker_url,
-                 set_as_current=False)
+    class FleetCelery(Celery):
+        def _get_backend(self) -> Any:
+            backend = super()._get_backend()
+            backend.on_task_call = _no_subscription  # results are polled (MGET)
+            return backend
+
+    app = FleetCelery("fleet", broker=settings.broker_url, backend=settings.broker_url,
+                      set_as_current=False)
     app.conf.update(celery_conf(settings))
     return app
+
+
+def _no_subscription(producer: Any, task_id: str) -> None:
+    """Stands in for the Redis backend's ``on_task_call`` (module docstring)."""

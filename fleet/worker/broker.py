@@ -1,13 +1,16 @@
 """The controller's view of the broker: send device tasks, read their states, revoke,
-cancel. :class:`CeleryBroker` is Celery on Redis; tests put a fake with the same four
-methods behind the dispatcher (``tests/fakes.py``: ``FakeBroker``).
+cancel, read push progress. :class:`CeleryBroker` is Celery on Redis; tests put a fake
+with the same methods behind the dispatcher (``tests/fakes.py``: ``FakeBroker``).
 
 A task's state is Celery's (``PENDING`` queued or unknown, ``STARTED``, ``SUCCESS``,
 ``FAILURE``, ``REVOKED``), read straight from the result backend's keys with one
 ``MGET`` per 500 tasks, so following 10,000 tasks costs 20 round trips a poll. A cancel
 is a Redis key per fan-out (``fleet:cancel:<token>``) that workers watch
 (:mod:`fleet.worker.watch`): a task in flight stops at its next safe point, exactly as a
-cancelled in-process task does.
+cancelled in-process task does. A worker reports its pushes' bytes in a Redis hash per
+fan-out (``fleet:bytes:<token>``, device -> ``"DONE TOTAL"``, at most twice a second per
+device, :class:`fleet.worker.progress.BytesReporter`); the controller reads it with one
+``HGETALL`` a second for the progress display.
 """
 
 from __future__ import annotations
@@ -23,14 +26,33 @@ from fleet.worker.app import TASK_NAME
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["CANCEL_PREFIX", "Broker", "CeleryBroker", "Send", "TaskState", "cancel_key"]
+__all__ = ["BYTES_PREFIX", "CANCEL_PREFIX", "Broker", "CeleryBroker", "Send", "TaskState",
+           "bytes_key", "cancel_key", "decode_bytes"]
 
 CANCEL_PREFIX = "fleet:cancel:"
+BYTES_PREFIX = "fleet:bytes:"
 _CHUNK = 500
 
 
 def cancel_key(token: str) -> str:
     return CANCEL_PREFIX + token
+
+
+def bytes_key(token: str) -> str:
+    """The Redis hash of one fan-out's push progress: device -> ``"DONE TOTAL"``."""
+    return BYTES_PREFIX + token
+
+
+def decode_bytes(raw: dict[Any, Any]) -> dict[str, tuple[int, int]]:
+    """A progress hash as read from Redis (bytes or text), malformed fields left out."""
+    out: dict[str, tuple[int, int]] = {}
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        done, _, total = text.partition(" ")
+        if done.isdigit() and total.isdigit():
+            out[name] = (int(done), int(total))
+    return out
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,11 @@ class Broker(Protocol):
     def revoke(self, task_ids: Sequence[str]) -> None: ...
 
     def cancel(self, token: str) -> None: ...
+
+    def pushed(self, token: str) -> dict[str, tuple[int, int]]:
+        """Each device's push progress (bytes done, total) as its worker last reported
+        it for the fan-out ``token``."""
+        ...
 
 
 class CeleryBroker:
@@ -121,3 +148,7 @@ class CeleryBroker:
     def cancel(self, token: str) -> None:
         with self._mapped("cancel"):
             self.app.backend.client.set(cancel_key(token), b"1", ex=2 * 24 * 3600)
+
+    def pushed(self, token: str) -> dict[str, tuple[int, int]]:
+        with self._mapped("report progress"):
+            return decode_bytes(self.app.backend.client.hgetall(bytes_key(token)))

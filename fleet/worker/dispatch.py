@@ -16,7 +16,8 @@ For one fan-out:
    deadline starts when it starts); once the fan-out is over the token is set, so a task
    of it that a worker takes later (a host back after it was given up) does nothing;
 4. the controller polls the tasks' states (one ``MGET`` per 500) and, for a deployment,
-   each step's state in the registry (the workers write them) for the progress display;
+   each step's state in the registry (the workers write them) and the pushes' bytes
+   (:mod:`fleet.worker.progress`, one ``HGETALL`` a second) for the progress display;
    each finished task's outcome is decoded into the same :class:`DeviceOutcome` the
    in-process fan-out gives, so callers print the same table;
 5. a device whose host loses its last live worker while its task is pending fails as
@@ -99,6 +100,7 @@ class _FarmRun:
         self.pending: dict[str, _Sent] = {}
         self.cancelled = False
         self.states_seen: dict[str, str] = {}
+        self.bytes_seen: dict[str, tuple[int, int]] = {}
         self.steps_since: datetime | None = None
         self.broker_lost_at: float | None = None
 
@@ -142,9 +144,12 @@ class _FarmRun:
 
     def follow(self) -> None:
         poll = min(self.options.poll_s, 0.25)
-        next_live = next_progress = self.d.clock()
+        next_live = next_progress = next_bytes = self.d.clock()
         while self.pending:
             self.tick()
+            if self.options.on_bytes is not None and self.d.clock() >= next_bytes:
+                self.pushed()  # before collecting: a push that just ended shows its end
+                next_bytes = self.d.clock() + _PROGRESS_EVERY_S
             self.collect()
             now = self.d.clock()
             if self.options.cancel.is_set() and not self.cancelled:
@@ -237,6 +242,20 @@ class _FarmRun:
                     f"{name}: farm host {sent.host!r} lost its last live worker (no "
                     f"heartbeat for {self.d.settings.stale_s:.0f}s)", device=name,
                     via=sent.host))
+
+    def pushed(self) -> None:
+        """Each pending device's push progress as its worker reported it (one read)."""
+        on_bytes = self.options.on_bytes
+        if on_bytes is None:
+            return
+        try:
+            report = self.d.broker.pushed(self.token)
+        except errors.FleetError:
+            return  # progress is best effort; the states' poll notices a broker gone
+        for name, (done, total) in report.items():
+            if name in self.pending and self.bytes_seen.get(name) != (done, total):
+                self.bytes_seen[name] = (done, total)
+                on_bytes(name, done, total)
 
     def progress(self) -> None:
         """Each pending device's step state, from the registry (what the workers wrote)."""

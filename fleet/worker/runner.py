@@ -15,7 +15,8 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from fleet.core import errors
 from fleet.home import FleetHome
@@ -23,9 +24,13 @@ from fleet.registry import Registry
 from fleet.rollout.deploy import Opener
 from fleet.worker import roster
 from fleet.worker.app import make_app
+from fleet.worker.progress import BytesReporter, redis_writer
 from fleet.worker.settings import FarmSettings, check_host_name, queue_for, settings_for
 from fleet.worker.tasks import HANDLERS, Handler, WorkerContext, register
 from fleet.worker.watch import CancelWatch
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["node_name", "run_worker"]
 
@@ -44,9 +49,11 @@ def _heartbeats(reg: Registry, settings: FarmSettings, node: str, pid: int,
 
 def run_worker(home: FleetHome, host: str, *, concurrency: int = 4, name: str | None = None,
                loglevel: str = "WARNING", handlers: Mapping[str, Handler] | None = None,
-               opener: Opener | None = None) -> int:
-    """Run until stopped; returns the worker's exit code. Raises UsageError without a
-    broker, and the registry's errors when it cannot be opened."""
+               opener: Opener | None = None,
+               setup: Callable[[Celery], None] | None = None) -> int:
+    """Run until stopped; returns the worker's exit code. ``setup(app)`` runs before the
+    worker starts (a benchmark registers a bare task of its own). Raises UsageError
+    without a broker, and the registry's errors when it cannot be opened."""
     check_host_name(host)
     if concurrency < 1:
         raise errors.UsageError(f"--concurrency must be at least 1, not {concurrency}")
@@ -59,8 +66,11 @@ def run_worker(home: FleetHome, host: str, *, concurrency: int = 4, name: str | 
     node = name or node_name(host)
     watch = CancelWatch(lambda keys: app.backend.client.mget(keys)).start()
     wc = WorkerContext(home, reg, settings, node, watch,
-                       handlers={**HANDLERS, **(handlers or {})}, opener=opener)
+                       handlers={**HANDLERS, **(handlers or {})}, opener=opener,
+                       progress=BytesReporter(redis_writer(app.backend.client)))
     register(app, wc)
+    if setup is not None:
+        setup(app)
     pid = os.getpid()
     roster.register(reg, name=node, host=host, queue=queue_for(host),
                     hostname=socket.gethostname(), pid=pid, concurrency=concurrency)

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlmodel import col, select
+
 from fleet.audit.collect import audit_task
 from fleet.connect import device_session
 from fleet.core import errors
@@ -47,6 +49,7 @@ from fleet.rollout.rollback import rollback_task
 from fleet.rollout.waves import previous_slot_task
 from fleet.worker import artifacts
 from fleet.worker.app import TASK_NAME
+from fleet.worker.progress import BytesReporter
 from fleet.worker.settings import FarmSettings
 from fleet.worker.watch import CancelWatch, Check
 from fleet.worker.wire import outcome_doc
@@ -87,9 +90,9 @@ def _as_is(value: Any) -> Any:
     return value
 
 
-def _held(job: Job) -> Deployment:
-    """The deployment this task belongs to, checked to be running under the lease holder
-    that sent it (now, and again by the watch while it runs)."""
+def _held(job: Job, dep: Deployment | None = None) -> Deployment:
+    """The deployment this task belongs to (``dep``: as just read), checked to be running
+    under the lease holder that sent it (now, and again by the watch while it runs)."""
     dep_id = uuid.UUID(str(job.args["deployment"]))
     who = tuple(job.args["holder"])
 
@@ -97,7 +100,7 @@ def _held(job: Job) -> Deployment:
         return dep.status is DeploymentState.RUNNING and (dep.lease_host,
                                                           dep.lease_pid) == who
 
-    dep = hist.get_deployment(job.reg, dep_id)
+    dep = dep if dep is not None else hist.get_deployment(job.reg, dep_id)
     if not holds(dep):
         raise errors.RolloutCancelledError(
             f"{job.device.name}: deployment {dep_id} is no longer running under the "
@@ -115,9 +118,25 @@ def _step(job: Job) -> DeploymentStep:
     return st
 
 
+def _step_and_deployment(job: Job) -> tuple[DeploymentStep, Deployment]:
+    """The task's step and its deployment in one query; NotFoundError when the step is
+    gone or is not the task's deployment's."""
+    step_id = uuid.UUID(str(job.args["step"]))
+    dep_id = uuid.UUID(str(job.args["deployment"]))
+    with job.reg.reading() as s:
+        row = s.exec(select(DeploymentStep, Deployment)
+                     .join(Deployment, col(Deployment.id) == col(DeploymentStep.deployment_id))
+                     .where(DeploymentStep.id == step_id)
+                     .where(DeploymentStep.deployment_id == dep_id)).first()
+    if row is None:
+        raise errors.NotFoundError(f"no step {step_id} in deployment {dep_id}",
+                                   step=str(step_id), deployment=str(dep_id))
+    return row[0], row[1]
+
+
 def _deploy(job: Job) -> Task | DeviceOutcome[Any]:
-    dep = _held(job)
-    st = _step(job)
+    st, dep = _step_and_deployment(job)
+    _held(job, dep)
     doc = dict(dep.options.get("job") or {})
     staged_only = not bool(doc.get("activate", True))
     if st.state.terminal or (staged_only and st.state is StepState.STAGED):
@@ -127,7 +146,7 @@ def _deploy(job: Job) -> Task | DeviceOutcome[Any]:
     doc["package"] = str(artifacts.fetch(job.settings.artifacts, str(job.args["package"])))
     run = Run(job.home, job.reg, dep.id, DeployJob.from_options(doc),
               {job.device.name: job.device}, job.cancel, job.opener)
-    return lambda dev, ctx: run.device_task(dev, ctx, st.id)
+    return lambda dev, ctx: run.device_task(dev, ctx, st.id, st.state)
 
 
 def _rollback(job: Job) -> Task | DeviceOutcome[Any]:
@@ -196,6 +215,8 @@ class WorkerContext:
     watch: CancelWatch
     handlers: dict[str, Handler] = field(default_factory=lambda: dict(HANDLERS))
     opener: Opener | None = None
+    #: forwards pushes' progress to the controller (None: not reported)
+    progress: BytesReporter | None = None
 
 
 def run_payload(wc: WorkerContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -228,10 +249,12 @@ def run_payload(wc: WorkerContext, payload: dict[str, Any]) -> dict[str, Any]:
         if isinstance(built, DeviceOutcome):
             return outcome_doc(built, handler.encode, worker=wc.node)
         checks.extend(job.checks)
+        token = str(payload.get("cancel") or "")
         result = call_each({name: dev}, built, workers=1,
                            deadline_s=float(payload["deadline_s"]),
                            retries=int(payload.get("retries", 0)),
-                           grace_s=float(payload.get("grace_s", 5.0)), cancel=cancel)
+                           grace_s=float(payload.get("grace_s", 5.0)), cancel=cancel,
+                           on_bytes=wc.progress.for_fanout(token) if wc.progress else None)
     out = result[name]
     if out.status is DeviceStatus.CANCELLED and out.error is None:
         out.error = errors.RolloutCancelledError(f"{name}: cancelled", device=name)
