@@ -3,6 +3,7 @@ without importing them."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -125,3 +126,21 @@ def test_a_group_split_over_modules_is_whole_when_one_module_was_imported_first(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["0", "True"]
+
+
+def test_a_command_of_the_controller_extra_says_which_extra_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a board's install has no plotly (pyproject's `controller` extra): None in sys.modules
+    # makes its import fail as it would there
+    code = ("import sys\n"
+            "sys.modules['plotly'] = None\n"
+            "from fleet.cli.app import main\n"
+            "h = sys.argv[1]\n"
+            "assert main(['--home', h, 'init']) == 0\n"
+            "sys.exit(main(['--home', h, 'report', '--html', h + '/r.html', '--json']))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    assert doc["error"]["code"] == "usage" and "mnn-fleet[controller]" in doc["error"]["message"]
+    assert "needs plotly," in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "home" / "r.html").exists()

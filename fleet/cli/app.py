@@ -185,9 +185,10 @@ class _FleetGroup(TyperGroup):
             _output.finish(error_document("interrupted", "interrupted (Ctrl-C)", 130))
             raise
         except ModuleNotFoundError as exc:
-            if (exc.name or "").partition(".")[0] not in _CONTROLLER_EXTRA:
+            missing = (exc.name or "").partition(".")[0]
+            if missing not in _CONTROLLER_EXTRA:
                 raise
-            message = (f"this command needs {exc.name}, which comes with the controller's "
+            message = (f"this command needs {missing}, which comes with the controller's "
                        "extra: pip install 'mnn-fleet[controller]'")
             _output.finish(error_document("usage", message, 2))
             err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True,
