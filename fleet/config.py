@@ -11,6 +11,8 @@ every ``fleet`` command run against that home.
 
     [artifacts]
     location = "/srv/fleet/artifacts"
+    # on a farm host that cannot share that directory: fetch over HTTP(S) with Range
+    # url = "https://controller.example:8443/artifacts/"
 
 =======================  ==================  ===========================================
 key                      overridden by       meaning (default)
@@ -21,6 +23,11 @@ key                      overridden by       meaning (default)
                                              every device is driven from this process)
 ``artifacts.location``   ``FLEET_ARTIFACTS`` where controller and farm workers share
                                              packages (``$FLEET_HOME/artifacts``)
+``artifacts.url``        ``FLEET_ARTIFACTS_  a farm worker fetches packages from this
+                         URL``               HTTP(S) base URL (Range, resumed, sha256
+                                             checked) instead (none: the location)
+``artifacts.ca_file``    ``FLEET_ARTIFACTS_  CA bundle (PEM) for an ``https://`` URL
+                         CA``                (none: the system's)
 =======================  ==================  ===========================================
 
 A flag beats the environment, which beats the file, which beats the default. Other
@@ -47,7 +54,8 @@ __all__ = ["CONFIG_FILE", "Config", "load", "update"]
 CONFIG_FILE = "config.toml"
 
 #: keys whose value must be a string (checked on load)
-_STRINGS = ("registry.url", "broker.url", "artifacts.location")
+_STRINGS = ("registry.url", "broker.url", "artifacts.location", "artifacts.url",
+            "artifacts.ca_file")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,10 @@ class Config:
     @property
     def artifacts_location(self) -> str | None:
         return self.get("artifacts.location") or None
+
+    @property
+    def artifacts_url(self) -> str | None:
+        return self.get("artifacts.url") or None
 
 
 def load(home: Path) -> Config:

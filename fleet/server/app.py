@@ -29,6 +29,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import bindparam
 from sqlmodel import col, select
 
@@ -321,6 +322,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                                        "message": "request body or parameters are invalid",
                                        "details": {"errors": len(exc.errors())}}},
                             status_code=422)
+
+    if cfg.artifacts is not None:
+        # packages for farm workers (fleet.worker.artifacts): encrypted and signed, so
+        # served without auth; StaticFiles answers GET/HEAD only, with Range and ETags,
+        # lists nothing and follows no symlink out of the directory
+        app.mount("/artifacts", StaticFiles(directory=cfg.artifacts, check_dir=False),
+                  name="artifacts")
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, bool]:

@@ -11,6 +11,10 @@ variable                                  default    meaning
 ``FLEET_SERVER_RATE_PER_MIN``             60         requests per device per minute
 ``FLEET_SERVER_RATE_BURST``               30         burst above that rate
 ``FLEET_TEST_SERVER_CLOCK_SKEW_S``        0          test hook: the server's clock offset (s)
+``FLEET_SERVER_ARTIFACTS``                (none)     a directory served read-only (GET, HEAD,
+                                                     Range) under ``/artifacts/``: the farm
+                                                     artifact location, for workers'
+                                                     ``artifacts.url``
 ========================================  =========  ==========================================
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from fleet.core import errors
 from fleet.home import FleetHome
@@ -45,6 +50,8 @@ class ServerSettings:
     rate_per_min: float = 60.0
     rate_burst: float = 30.0
     clock_skew_s: int = 0  #: test hook only (an expired desired state, for real)
+    #: served under ``/artifacts/`` for farm workers (None: not served)
+    artifacts: Path | None = None
 
     @classmethod
     def from_env(cls) -> ServerSettings:
@@ -55,4 +62,6 @@ class ServerSettings:
                    rate_per_min=_num("FLEET_SERVER_RATE_PER_MIN", 60, minimum=1),
                    rate_burst=_num("FLEET_SERVER_RATE_BURST", 30, minimum=1),
                    clock_skew_s=int(_num("FLEET_TEST_SERVER_CLOCK_SKEW_S", 0,
-                                         minimum=-10**9)))
+                                         minimum=-10**9)),
+                   artifacts=Path(os.environ["FLEET_SERVER_ARTIFACTS"]).expanduser()
+                   if os.environ.get("FLEET_SERVER_ARTIFACTS") else None)

@@ -18,5 +18,6 @@ events to the shared registry. Modules:
   lora, enroll) and the Celery task that runs one;
 - :mod:`~fleet.worker.progress`: pushes' bytes, reported to the controller's display;
 - :mod:`~fleet.worker.runner`: ``fleet worker --host NAME``;
-- :mod:`~fleet.worker.artifacts`: packages through the shared artifact location.
+- :mod:`~fleet.worker.artifacts`: packages through the shared artifact location, or
+  fetched over HTTP(S) with Range into the worker's cache (``artifacts.url``).
 """

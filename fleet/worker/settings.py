@@ -13,6 +13,13 @@ environment                config.toml                  meaning (default)
                                                         farm task may have (900 s)
 ``FLEET_ARTIFACTS``        ``artifacts.location``       a directory controller and workers
                                                         share (``$FLEET_HOME/artifacts``)
+``FLEET_ARTIFACTS_URL``    ``artifacts.url``            on a worker: fetch packages from
+                                                        this ``http(s)://`` base URL (the
+                                                        location served with Range) into
+                                                        ``$FLEET_HOME/cache/artifacts``
+                                                        (none: open them in the location)
+``FLEET_ARTIFACTS_CA``     ``artifacts.ca_file``        CA bundle (PEM) for that URL
+                                                        (none: the system's)
 (none)                     ``worker.heartbeat_s``       heartbeat period (5 s); a worker
                                                         is live for 4 periods after one
 =========================  ===========================  ==================================
@@ -33,16 +40,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fleet.core import errors
 from fleet.home import FleetHome
 
-__all__ = ["BROKER_ENV", "QUEUE_PREFIX", "FarmSettings", "check_host_name", "queue_for",
-           "settings_for"]
+__all__ = ["BROKER_ENV", "QUEUE_PREFIX", "FarmSettings", "check_artifacts_url",
+           "check_host_name", "queue_for", "settings_for"]
 
 BROKER_ENV = "FLEET_BROKER"
 DEADLINE_ENV = "FLEET_BROKER_DEADLINE"
 ARTIFACTS_ENV = "FLEET_ARTIFACTS"
+ARTIFACTS_URL_ENV = "FLEET_ARTIFACTS_URL"
+ARTIFACTS_CA_ENV = "FLEET_ARTIFACTS_CA"
 QUEUE_PREFIX = "fleet.host."
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
@@ -71,6 +81,12 @@ class FarmSettings:
     #: how often a worker returns expired unacknowledged tasks to their queue (kombu's
     #: ``unacked_restore_interval``; every scan, not every tenth)
     restore_interval_s: float = 5.0
+    #: a worker fetches packages from this base URL instead of opening the location
+    artifacts_url: str | None = None
+    #: CA bundle (PEM path) for an ``https://`` artifacts URL (None: the system's)
+    artifacts_ca: Path | None = None
+    #: where a worker keeps the packages it fetched (None: a temporary directory)
+    cache_dir: Path | None = None
 
     @property
     def enabled(self) -> bool:
@@ -116,8 +132,23 @@ def settings_for(home: FleetHome, env: Mapping[str, str] | None = None) -> FarmS
     deadline = environ.get(DEADLINE_ENV) or cfg.get("broker.deadline_s", 900.0)
     location = environ.get(ARTIFACTS_ENV) or cfg.artifacts_location
     beat = cfg.get("worker.heartbeat_s", 5.0)
+    base = environ.get(ARTIFACTS_URL_ENV) or cfg.artifacts_url
+    ca = environ.get(ARTIFACTS_CA_ENV) or cfg.get("artifacts.ca_file")
     return FarmSettings(
         broker_url=str(url) if url else None,
         artifacts=Path(str(location)).expanduser() if location else home.artifacts_dir,
         deadline_s=_number(deadline, "broker.deadline_s"),
-        heartbeat_s=_number(beat, "worker.heartbeat_s"))
+        heartbeat_s=_number(beat, "worker.heartbeat_s"),
+        artifacts_url=check_artifacts_url(str(base)) if base else None,
+        artifacts_ca=Path(str(ca)).expanduser() if ca else None,
+        cache_dir=home.path / "cache" / "artifacts")
+
+
+def check_artifacts_url(url: str) -> str:
+    """An artifacts base URL (``http://`` or ``https://`` with a host), ending in ``/``;
+    UsageError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise errors.UsageError(f"artifacts.url {url!r} is not an http:// or https:// URL",
+                                url=url)
+    return url if url.endswith("/") else url + "/"

@@ -143,7 +143,8 @@ def _deploy(job: Job) -> Task | DeviceOutcome[Any]:
         # delivered again after it ended (its first worker died before the ack): what
         # the registry recorded is the outcome; nothing is done twice
         return recorded(job.device.name, st)
-    doc["package"] = str(artifacts.fetch(job.settings.artifacts, str(job.args["package"])))
+    doc["package"] = str(artifacts.fetch(job.settings, str(job.args["package"]),
+                                         doc.get("package_sha256")))
     run = Run(job.home, job.reg, dep.id, DeployJob.from_options(doc),
               {job.device.name: job.device}, job.cancel, job.opener)
     return lambda dev, ctx: run.device_task(dev, ctx, st.id, st.state)
@@ -181,7 +182,8 @@ def _audit(job: Job) -> Task:
 
 def _lora(job: Job) -> Task:
     key = job.args.get("pack")
-    pack = artifacts.fetch(job.settings.artifacts, str(key)) if key else None
+    pack = (artifacts.fetch(job.settings, str(key), job.args.get("pack_sha256")) if key
+            else None)
     return lora_task(job.home, job.reg, str(job.args["verb"]), dict(job.args["args"] or {}),
                      pack=pack, pack_sha256=job.args.get("pack_sha256"), opener=job.opener)
 
