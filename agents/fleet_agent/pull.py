@@ -9,7 +9,9 @@ for this device, not expired, counter not below the last one accepted, kept in
 ``ROOT/pull.json``), and make it so: download (resumable, verified as it arrives:
 :mod:`fleet_agent.pull_download`), ``stage``, ``activate``, upload the activation report
 signed by the device key. Each step is reported at the next check-in, which the server
-turns into the deployment's step (``downloading``, ``staged``, ``failed`` …).
+turns into the deployment's step (``downloading``, ``staged``, ``failed`` …). An entry
+of kind ``lora`` (a LoRA pack) is downloaded the same way, staged with ``lora add`` and,
+when the entry activates it, swapped in with ``lora swap`` (:meth:`PullAgent._apply_lora`).
 
 The loop sleeps the server's suggested interval with ±20 % jitter; errors back off
 exponentially (2 s doubling to 15 min, full jitter). ``--once`` runs one cycle and prints
@@ -244,6 +246,8 @@ class PullAgent:
     def _apply_one(self, m: DesiredModel) -> bool:
         """Make ``m`` so; True when it is staged and waits for its install window
         (``m.window``, device-local time: downloading and staging happen before)."""
+        if m.kind == "lora":
+            return self._apply_lora(m)
         row = self._store().installed().get(m.name) or {}
         active = row.get("active")
         if active == m.version:
@@ -270,7 +274,39 @@ class PullAgent:
         self._report(m, act["report"])
         return False
 
-    def _download_and_stage(self, m: DesiredModel) -> None:
+    def _apply_lora(self, m: DesiredModel) -> bool:
+        """A LoRA pack: downloaded and verified as a model, staged by the push-mode
+        ``lora add`` verb; with ``m.activate`` swapped in by ``lora swap`` and the daemon's
+        answer reported, signed. True while the swap waits (for the install window, or
+        for a serve daemon to run: ``fleet lora serve`` or the board's unit)."""
+        row = self._store().installed().get(m.name) or {}
+        if m.version not in (row.get("versions") or []):
+            self._say(m, "downloading")
+            self._flush()
+            self._download_and_stage(m, verb="lora add")
+        elif not m.activate:
+            self._say(m, "skipped")  # staged already
+            return False
+        self._say(m, "staged")
+        if not m.activate:
+            return False
+        if not in_window(m.window, datetime.now().astimezone()):
+            self.log.append({"name": m.name, "version": m.version,
+                             "waiting_for_window": m.window})
+            return True
+        try:
+            swap = self._verb("lora swap", {"name": m.name, "version": m.version})
+        except (errors.NotFoundError, errors.ConnectError) as exc:
+            if "socket" not in exc.details:
+                raise
+            self.log.append({"name": m.name, "version": m.version,
+                             "waiting_for_serve": exc.message})
+            return True
+        self._say(m, "activating")
+        self._report(m, {k: v for k, v in swap.items() if k not in ("schema", "ok", "verb")})
+        return False
+
+    def _download_and_stage(self, m: DesiredModel, verb: str = "stage") -> None:
         from fleet_agent.pull_download import download_verified
 
         store = self._store()
@@ -281,8 +317,8 @@ class PullAgent:
                                 envelope=m.envelope, max_rate=self.max_rate)
         self.log.append({"name": m.name, "version": m.version, "downloaded": got.size,
                          "resumed_from": got.resumed_from, "received": got.received})
-        self._verb("stage", {"path": str(got.path), "envelope": m.envelope,
-                             "order": m.order})
+        args: dict[str, Any] = {"path": str(got.path), "envelope": m.envelope}
+        self._verb(verb, args if verb == "lora add" else {**args, "order": m.order})
 
     def _report(self, m: DesiredModel, report: dict[str, Any]) -> None:
         signed = sign_report(self._store().device_key, {

@@ -19,7 +19,7 @@ from fleet.registry import history as hist
 from fleet.rollout import pull
 from fleet.rollout.deploy import DeployJob
 
-__all__ = ["deploy_pull", "pull_rows", "rollback_pull"]
+__all__ = ["deploy_pull", "lora_push_pull", "pull_rows", "rollback_pull"]
 
 POLL_S = 1.0
 
@@ -107,3 +107,46 @@ def rollback_pull(home: FleetHome, reg: Registry, name: str, devs: list[Device],
     if left_out:
         raise errors.PartialFailureError(
             f"rollback: {len(left_out)} pull device(s) left out", failed=left_out)
+
+
+def lora_push_pull(home: FleetHome, reg: Registry, pack: Path, devs: list[Device],
+                   tg: Targets, *, swap: bool, as_json: bool) -> None:
+    """``fleet lora push PACK`` to pull devices: the pack's desired-state entry (kind
+    ``lora``; ``activate``: ``--swap``) is written and the command returns; devices take
+    it at their next check-in (:mod:`fleet.rollout.pull_lora`). Every target is checked
+    first (enrolled, and the pack opens for it: built for its key or with the server's
+    escrow envelope); one that fails leaves nothing written (NotRecipientError, exit 15)."""
+    from fleet.rollout.pull_lora import pack_job
+    from fleet.server.escrow import envelope_for_device
+
+    push = [d.name for d in devs if not pull.is_pull(d)]
+    if push:
+        raise errors.UsageError(f"pull and push devices in one lora push ({', '.join(push)} "
+                                "are push devices): push them separately", devices=push)
+    revoked = [d.name for d in devs if d.revoked_at is not None]
+    targets = [d for d in devs if d.revoked_at is None]
+    if revoked:
+        err.print(f"left out (revoked): {', '.join(revoked)}", highlight=False)
+    job = pack_job(reg, pack, swap=swap)
+    refused: dict[str, str] = {}
+    for d in targets:
+        try:
+            envelope_for_device(home, job.package, d)
+        except errors.FleetError as exc:
+            refused[d.name] = exc.message
+    if refused:
+        raise errors.NotRecipientError(
+            f"lora push: the pack does not open for {', '.join(sorted(refused))} (package "
+            "it again for them: `fleet lora package … -g GROUP`)", refused=refused)
+    dep_id = pull.start(reg, job, targets, target=tg.describe())
+    err.print(f"{job.name}@{job.version}: desired state written for {len(targets)} pull "
+              f"device(s) (deployment {dep_id}); they take it at their next check-in",
+              highlight=False)
+    dep = hist.get_deployment(reg, dep_id)
+    rows = pull_rows(reg, dep_id)
+    doc = {"deployment": dep_id, "mode": pull.MODE, "kind": "lora", "swap": swap,
+           "state": dep.status.value, "name": job.name, "version": job.version,
+           "results": rows, "revoked": revoked, "targets": tg.to_dict()}
+    emit(doc, as_json=as_json, render=lambda c: c.print(table(
+        f"lora push {job.name}@{job.version} in pull mode (deployment {dep_id})",
+        ["device", "status"], [(r["device"], r["status"]) for r in rows])))

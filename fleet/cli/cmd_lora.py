@@ -126,7 +126,8 @@ def push(
                           "when the plan refuses a device.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy PACK to the devices and stage it (verified, kept encrypted).
+    """Copy PACK to the devices and stage it (verified, kept encrypted). For pull
+    devices (``pull://``) it goes into their desired state and the command returns.
 
     Examples:
 
@@ -148,7 +149,28 @@ def push(
             reg.close()
         emit_plan(plan.to_dict() | {"targets": tg.to_dict()}, as_json=as_json)
         return
+    if _pull_targets(pack, tg, swap=swap, as_json=as_json):
+        return
     _run("lora add", {"swap": swap}, tg, pack=pack, as_json=as_json, title="lora push")
+
+
+def _pull_targets(pack: Path, tg: Targets, *, swap: bool, as_json: bool) -> bool:
+    """Pull devices among the targets: the pack goes into their desired state
+    (:func:`fleet.cli._pull_deploy.lora_push_pull`); True when that was done."""
+    from fleet.rollout.pull import is_pull
+
+    home = state().home
+    reg = Registry.open(home)
+    try:
+        devs = tg.resolve(reg)
+        if not any(is_pull(d) for d in devs):
+            return False
+        from fleet.cli._pull_deploy import lora_push_pull
+
+        lora_push_pull(home, reg, pack, devs, tg, swap=swap, as_json=as_json)
+    finally:
+        reg.close()
+    return True
 
 
 @lora_app.command("swap")

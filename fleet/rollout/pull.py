@@ -29,6 +29,9 @@ deployments do. A device that joins a target group later (or enrolls later) join
 newest pull deployment of each model to that group at its next check-in, in its open
 wave (a finished deployment reopens until the late device has ended: :func:`late_join`).
 
+LoRA packs travel the same way (``fleet lora push PACK`` to pull devices: entries of
+kind ``lora``, :mod:`fleet.rollout.pull_lora`).
+
 A pull deployment holds no lease (no controller process drives it; ``fleet server``
 does, on the devices' schedule), so :func:`fleet.rollout.lease.reap_stale` leaves it
 running.
@@ -336,16 +339,25 @@ def apply_progress(reg: Registry, device: Device, items: Sequence[Progress], *,
 def record_report(reg: Registry, device: Device, body: dict[str, Any], *,
                   home: FleetHome | None = None) -> uuid.UUID | None:
     """A verified activation report (:func:`fleet.core.pull.verify_report`): the step's
-    ``activated`` + report + ``ok``, then :func:`advance`. Returns the deployment id, or
-    None when the report names no step of this device (kept as a plain report)."""
+    ``activated`` + report + ``ok``, then :func:`advance` (a LoRA pack's swap report:
+    :func:`fleet.rollout.pull_lora.record_swap`). Returns the deployment id, or None when
+    the report names no step of this device (kept as a plain report)."""
     dep_id = _dep_id(body.get("deployment"))
     raw = body.get("report")
     report: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
     with reg.reading() as s:
         st = _step(s, dep_id, device.id) if dep_id else None
+        dep = s.get(Deployment, dep_id) if dep_id else None
     if dep_id is None or st is None or st.state.terminal:
         hist.add_report(reg, device, "activate", report)
         return None
+    from fleet.rollout import pull_lora
+
+    if dep is not None and pull_lora.is_lora(dep.options):  # a LoRA pack's swap
+        pull_lora.record_swap(reg, st, device, dep_id, report)
+        reg.touch_device(device.name, status="ok")
+        advance(reg, dep_id, home=home)
+        return dep_id
     hist.record_activation(reg, st.id, device, report, deployment_id=dep_id,
                            bytes_sent=body.get("bytes_received"))
     reg.touch_device(device.name, status="ok")
