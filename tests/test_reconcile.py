@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.core import errors
 from fleet.home import FleetHome
 from fleet.registry import Registry
 from fleet.registry import history as hist
@@ -159,3 +160,35 @@ def test_resume_skips_finished_devices_and_refuses_a_finished_deployment(
     assert out.result["b"].status is DeviceStatus.OK
     with pytest.raises(errors.UsageError, match="completed"):
         resume_deployment(home, registry, dep_id, opener=fleet.opener)
+
+
+@pytest.mark.parametrize("meanwhile", ["active", "staged"])
+def test_a_version_another_run_installed_meanwhile_is_not_a_failure(
+        registry: Registry, home: FleetHome, tmp_path: Path, meanwhile: str) -> None:
+    # two deploys of one package to one device at once: the other run stages (and maybe
+    # activates) between this run's status and its stage, which the agent then refuses as
+    # a replay; the status read again decides (concurrent-deploys case)
+    job = _job(tmp_path)
+    dep_id, _ = _interrupted(registry, job, ["a"], P.PENDING)
+    fleet = FakeFleet(["a"])
+    agent = fleet["a"]
+    agent.install("m", 1)
+
+    def other_run() -> None:
+        agent.models["m"]["versions"][2] = "digest-m-2"
+        if meanwhile == "active":
+            agent.install("m", 2)
+
+    agent.on_call("stage", other_run)
+    agent.refuse("stage", errors.ReplayError("m version 2 was already installed here"),
+                 times=1)
+    out = resume_deployment(home, registry, dep_id, opener=fleet.opener)
+    st = {d.name: s for s, d in hist.steps_of(registry, dep_id)}["a"]
+    if meanwhile == "active":
+        assert out.result["a"].status is DeviceStatus.SKIPPED and st.state is P.SKIPPED
+        assert agent.verbs() == ["status", "stage", "status"]
+    else:  # staged by the other run: this one activates it
+        assert out.result["a"].status is DeviceStatus.OK and st.state is P.OK
+        assert agent.verbs() == ["status", "stage", "status", "activate"]
+    assert agent.models["m"]["active"] == 2
+    assert out.deployment.status is DeploymentState.COMPLETED

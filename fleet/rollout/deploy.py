@@ -51,7 +51,7 @@ from fleet.rollout.fanout import (
     call_each,
 )
 from fleet.rollout.lease import Heartbeat, Holder, LeaseConfig, abandon, holder
-from fleet.rollout.reconcile import Do, Goal, next_action, observe
+from fleet.rollout.reconcile import Do, Goal, Observed, next_action, observe
 from fleet.rollout.steplog import StepLog
 from fleet.worker.dispatch import CeleryDispatcher, dispatcher_for
 
@@ -204,7 +204,27 @@ class _Device:
             if act.record is not None:
                 log.move(act.record, observed=True, reason=act.reason)
             return self.activate(None)
-        sent = self.push_and_stage(status.doc)
+        try:
+            sent = self.push_and_stage(status.doc)
+        except errors.ReplayError:
+            # another run (a concurrent deploy of this package) installed it meanwhile:
+            # the agent's status decides again, as on a resume
+            again = self.agent.status(timeout=min(60.0, ctx.deadline.remaining()))
+            seen = observe(again.installed.get(job.name), version=job.version,
+                           digest=job.digest)
+            if seen.observed is Observed.ACTIVE:
+                reason = "installed meanwhile by another run"
+                log.move(StepState.SKIPPED, reason=reason)
+                ctx.finish_as(DeviceStatus.SKIPPED, reason)
+                return DeployResult()
+            if seen.observed is not Observed.STAGED:
+                raise
+            log.move(StepState.STAGED, observed=True, done=not job.activate,
+                     reason="staged by another run")
+            if not job.activate:
+                ctx.finish_as(DeviceStatus.STAGED, "staged by another run")
+                return DeployResult()
+            return self.activate(None)
         if not job.activate:
             ctx.finish_as(DeviceStatus.STAGED, "staged only (--no-activate)")
             return DeployResult(bytes_sent=sent)
