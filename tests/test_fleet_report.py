@@ -354,6 +354,9 @@ def test_report_refuses_without_an_output_and_an_unknown_grid_device(fleet: Flee
     assert fleet.run("report").exit_code == 2
     r = fleet.run("report", "--html", str(fleet.tmp / "x.html"), "--grid-device", "nope")
     assert r.exit_code == 2 and not (fleet.tmp / "x.html").exists()
+    typo = fleet.tmp / "no-such-dir" / "x.html"  # refused, not made
+    r = fleet.run("report", "--html", str(typo))
+    assert r.exit_code == 2 and "no folder" in r.stderr and not typo.parent.exists()
 
 
 def test_offline_audit_after_a_rollback_shows_the_version_active_now(fleet: Fleet) -> None:

@@ -59,6 +59,9 @@ def report(
             f"--regression-threshold must be >= 0 (percent), not {regression_threshold}")
     if html is not None and html.is_dir():
         raise errors.UsageError(f"--html {html}: is a directory, give a file name")
+    if html is not None and not html.absolute().parent.is_dir():  # a typo is not a new tree
+        raise errors.UsageError(f"--html {html}: no folder {html.absolute().parent}; "
+                                "create it first")
     tg = Targets.parse(group, device, selector)  # none named: every device
     from fleet.report.csvfiles import write_csv
     from fleet.report.data import gather
